@@ -1,0 +1,70 @@
+"""Defines absl flags from a config dataclass and builds the dataclass back.
+
+Entry points stay thin: one flag per config field, with the field's default
+and the comment beside it as help; only ``experiments/`` reads FLAGS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+
+from absl import flags
+
+
+def _field_help(cls) -> dict[str, str]:
+  """Trailing ``# comments`` of the dataclass source, as flag help."""
+  helps = {}
+  try:
+    src = inspect.getsource(cls)
+  except OSError:
+    return helps
+  for m in re.finditer(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
+    helps[m.group(1)] = m.group(2).strip()
+  return helps
+
+
+def define_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """One absl flag per field of dataclass ``cls`` (bool, int, float, str, tuple of int)."""
+  helps = _field_help(cls)
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    hint, default = hints[f.name], f.default
+    text = helps.get(f.name, f.name)
+    if hint is bool:
+      flags.DEFINE_bool(f.name, default, text, flag_values=flag_values)
+    elif hint is int:
+      flags.DEFINE_integer(f.name, default, text, flag_values=flag_values)
+    elif hint is float:
+      flags.DEFINE_float(f.name, default, text, flag_values=flag_values)
+    elif hint is str:
+      flags.DEFINE_string(f.name, default, text, flag_values=flag_values)
+    elif typing.get_origin(hint) is tuple:
+      flags.DEFINE_list(f.name, [str(v) for v in default], text + " (comma-separated integers)",
+                        flag_values=flag_values)
+    else:
+      raise TypeError(f"no flag type for {cls.__name__}.{f.name}: {hint}")
+
+
+def config_from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS):
+  """Builds ``cls`` from parsed flags; a non-integer in a list flag is a ValueError."""
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    value = flag_values[f.name].value
+    if typing.get_origin(hints[f.name]) is tuple:
+      try:
+        value = tuple(int(v) for v in value)
+      except ValueError:
+        raise ValueError(f"--{f.name}={','.join(value)}: expected comma-separated integers") from None
+    kwargs[f.name] = value
+  return cls(**kwargs)
+
+
+def fail(message: str) -> typing.NoReturn:
+  """Prints ``error: message`` to stderr and exits with status 2 (no traceback)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)

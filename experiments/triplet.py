@@ -1,0 +1,40 @@
+r"""Triplet-loss training of a face encoder.
+
+  python -m experiments.triplet --flagfile=experiments/configs/triplet_demo.flags
+  python -m experiments.triplet --flagfile=experiments/configs/triplet_att_orl.flags \
+      --workdir=runs/att_orl
+
+Every field of ``jaxface.train.config.TripletConfig`` is a flag. A run always
+resumes from the latest checkpoint in ``--workdir``.
+"""
+
+from absl import app
+from absl import flags
+
+from experiments import flagutil
+from jaxface import checkpointing
+from jaxface.train import config as config_lib
+
+flagutil.define_flags(config_lib.TripletConfig)
+flags.DEFINE_string("workdir", "runs/triplet", "run directory (checkpoints, metrics.json, roc.png)")
+flags.DEFINE_integer("stop_after", None, "stop after this step, checkpointed, as a pre-empted job would")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+  try:
+    cfg = flagutil.config_from_flags(config_lib.TripletConfig).validate()
+  except ValueError as e:
+    flagutil.fail(str(e))
+  from jaxface.train import triplet  # heavy imports after the config is known to be valid
+  try:
+    triplet.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after,
+                printer=lambda s: print(s, flush=True))
+  except (ValueError, FileNotFoundError, checkpointing.CheckpointError, triplet.TrainingError) as e:
+    flagutil.fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main)

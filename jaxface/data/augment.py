@@ -1,0 +1,156 @@
+"""Jitted per-image augmentation on device: random crop, flip, brightness, contrast.
+
+Everything here is shape-static: crop size and the jitter strengths are Python
+constants (static under jit), so a training loop compiles the augmentation once.
+Each image gets its own key (``jax.random.split(rng, B)``), so ``augment`` on a
+batch equals ``augment_single`` applied image by image with those keys.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def to_float(images) -> jax.Array:
+  """uint8 pixels to float32 in [0, 1]. [..., H, W, C] uint8 -> same shape float32."""
+  if np.dtype(images.dtype) != np.uint8:
+    raise ValueError(f"to_float expects uint8 images, got dtype {images.dtype}")
+  return jnp.asarray(images, jnp.float32) / 255.0
+
+
+def _check_crop(image_hw: Sequence[int], crop_size, name: str = "crop_size") -> tuple[int, int]:
+  try:
+    ch, cw = (int(c) for c in crop_size)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a pair (height, width), got {crop_size!r}") from None
+  h, w = int(image_hw[0]), int(image_hw[1])
+  if not (1 <= ch <= h and 1 <= cw <= w):
+    raise ValueError(f"{name}={(ch, cw)} does not fit in images of size (H, W)={(h, w)}")
+  return ch, cw
+
+
+def center_crop(images, crop_size: tuple[int, int]):
+  """Central crop for evaluation (offsets rounded down, as in the random crop's middle).
+
+  Args:
+    images: [B, H, W, C] (NumPy or JAX, any dtype).
+    crop_size: (crop_h, crop_w) <= (H, W).
+
+  Returns:
+    [B, crop_h, crop_w, C], same array type and dtype.
+  """
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  ch, cw = _check_crop(images.shape[1:3], crop_size)
+  oy = (images.shape[1] - ch) // 2
+  ox = (images.shape[2] - cw) // 2
+  return images[:, oy:oy + ch, ox:ox + cw, :]
+
+
+def crop_at(images: jax.Array, offsets: jax.Array, crop_size: tuple[int, int]) -> jax.Array:
+  """Per-image crops at given offsets.
+
+  Args:
+    images: [B, H, W, C].
+    offsets: [B, 2] int32 (top, left) of each crop; clamped by
+      ``lax.dynamic_slice`` so the crop stays inside the image.
+    crop_size: (crop_h, crop_w) <= (H, W).
+
+  Returns:
+    [B, crop_h, crop_w, C], same dtype as images.
+  """
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  if offsets.shape != (images.shape[0], 2):
+    raise ValueError(f"offsets must be [B, 2] = {(images.shape[0], 2)}, got {offsets.shape}")
+  ch, cw = _check_crop(images.shape[1:3], crop_size)
+  c = images.shape[3]
+
+  def one(img, off):
+    return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (ch, cw, c))
+
+  return jax.vmap(one)(images, jnp.asarray(offsets, jnp.int32))
+
+
+def augment_single(
+    rng: jax.Array,
+    image: jax.Array,
+    *,
+    crop_size: tuple[int, int],
+    flip: bool = True,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+) -> jax.Array:
+  """Augments one image. [H, W, C] float32 in [0, 1] -> [crop_h, crop_w, C] float32 in [0, 1].
+
+  Random crop at a uniform offset; horizontal flip with probability 1/2 (if
+  ``flip``); brightness: add delta ~ U(-brightness, brightness); contrast:
+  scale each channel's deviation from its mean by f ~ U(1 - contrast, 1 + contrast);
+  then clip to [0, 1]. A strength of 0 turns that step off.
+  """
+  if image.ndim != 3:
+    raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
+  h, w, c = image.shape
+  ch, cw = _check_crop((h, w), crop_size)
+  k_y, k_x, k_flip, k_b, k_c = jax.random.split(rng, 5)
+  oy = jax.random.randint(k_y, (), 0, h - ch + 1)
+  ox = jax.random.randint(k_x, (), 0, w - cw + 1)
+  out = jax.lax.dynamic_slice(image, (oy, ox, 0), (ch, cw, c))
+  if flip:
+    out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1, :], out)
+  if brightness:
+    out = out + jax.random.uniform(k_b, (), out.dtype, -brightness, brightness)
+  if contrast:
+    factor = jax.random.uniform(k_c, (), out.dtype, 1.0 - contrast, 1.0 + contrast)
+    mean = jnp.mean(out, axis=(0, 1), keepdims=True)
+    out = mean + factor * (out - mean)
+  return jnp.clip(out, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_size", "flip", "brightness", "contrast"))
+def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast):
+  keys = jax.random.split(rng, images.shape[0])
+  one = functools.partial(augment_single, crop_size=crop_size, flip=flip,
+                          brightness=brightness, contrast=contrast)
+  return jax.vmap(one)(keys, images)
+
+
+def augment(
+    rng: jax.Array,
+    images: jax.Array,
+    *,
+    crop_size: tuple[int, int],
+    flip: bool = True,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+) -> jax.Array:
+  """Per-image random augmentation of a batch (jitted; see ``augment_single``).
+
+  Args:
+    rng: PRNG key; image i uses ``jax.random.split(rng, B)[i]``.
+    images: [B, H, W, C] float32 in [0, 1] (see ``to_float``).
+    crop_size: (crop_h, crop_w) <= (H, W).
+    flip: random horizontal flips.
+    brightness: max additive brightness change (0 = off).
+    contrast: max relative contrast change (0 = off).
+
+  Returns:
+    [B, crop_h, crop_w, C] float32 in [0, 1].
+  """
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be float in [0, 1] (use to_float), got dtype {images.dtype}")
+  if not 0.0 <= float(brightness) <= 1.0:
+    raise ValueError(f"brightness must be in [0, 1], got {brightness}")
+  # A factor range reaching 0 could flatten an image completely.
+  if not 0.0 <= float(contrast) < 1.0:
+    raise ValueError(f"contrast must be in [0, 1), got {contrast}")
+  crop = _check_crop(images.shape[1:3], crop_size)
+  return _augment_jit(rng, images, crop_size=crop, flip=bool(flip),
+                      brightness=float(brightness), contrast=float(contrast))

@@ -1,0 +1,138 @@
+"""Configuration of the triplet-loss training experiment.
+
+A plain frozen dataclass: the absl entry point builds it from flags, the
+library receives it, and checkpoints store it as JSON (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxface.models.encoder import EncoderSpec
+
+STRATEGIES = ("all", "all_active", "hard", "semihard")
+DATA_KINDS = ("synthetic", "folder", "tfds")
+
+# Keys a resumed run may change without starting over.
+RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every", "eval_batch_size",
+                     "max_to_keep", "roc_png")
+
+
+@dataclasses.dataclass(frozen=True)
+class TripletConfig:
+  """Every setting of ``python -m experiments.triplet`` (flag name = field name)."""
+  # --- data
+  data: str = "synthetic"                 # synthetic | folder | tfds
+  data_path: str = ""                     # folder: <root>/<identity>/<images>; $JAXFACE_DATA expands
+  tfds_name: str = "lfw"
+  tfds_split: str = "train"
+  tfds_data_dir: str = ""
+  synthetic_identities: int = 96
+  synthetic_images: int = 12              # images per synthetic identity
+  image_size: tuple[int, ...] = (64, 64)  # H,W images are resized to when loaded
+  crop_size: tuple[int, ...] = (56, 56)   # H,W random (train) / centre (eval) crop
+  channels: int = 3
+  num_holdout: int = 24                   # identities held out for evaluation (last by natural sort)
+  holdout_seed: int = -1                  # >= 0: choose held-out identities at random with this seed
+  on_bad_image: str = "warn"              # warn (skip and name the file) | raise
+  # --- batches and loss
+  P: int = 16                             # identities per batch
+  K: int = 4                              # images per identity
+  strategy: str = "all_active"
+  margin: float = 0.2
+  flip: bool = True
+  brightness: float = 0.2
+  contrast: float = 0.2
+  # --- model
+  embedding_dim: int = 128
+  stem_width: int = 32
+  stem_stride: int = 1
+  widths: tuple[int, ...] = (32, 64, 128, 256)
+  depths: tuple[int, ...] = (1, 1, 1, 1)
+  l2_normalize: bool = True
+  # --- optimisation
+  num_steps: int = 400
+  learning_rate: float = 3e-3
+  warmup_steps: int = 40
+  weight_decay: float = 1e-4
+  grad_clip: float = 1.0
+  seed: int = 0
+  # --- bookkeeping
+  log_every: int = 20
+  checkpoint_every: int = 100
+  max_to_keep: int = 2
+  eval_every: int = 0                     # 0: evaluate only at the end
+  eval_batch_size: int = 128
+  roc_png: bool = True
+
+  def __post_init__(self):
+    # Tuples may arrive as lists (from JSON) or strings (from flags).
+    for name in ("image_size", "crop_size", "widths", "depths"):
+      v = getattr(self, name)
+      if isinstance(v, str):
+        v = tuple(int(t) for t in v.split(",") if t.strip())
+      object.__setattr__(self, name, tuple(int(t) for t in v))
+
+  def validate(self) -> "TripletConfig":
+    """Raises ValueError naming the first bad setting."""
+    def bad(name, why):
+      raise ValueError(f"--{name}={getattr(self, name)!r}: {why}")
+    if self.data not in DATA_KINDS:
+      bad("data", f"must be one of {', '.join(DATA_KINDS)}")
+    if self.data == "folder" and not self.data_path:
+      bad("data_path", "--data=folder needs --data_path=<root>/<identity>/<images>")
+    if self.strategy not in STRATEGIES:
+      bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
+    if self.on_bad_image not in ("warn", "raise"):
+      bad("on_bad_image", "must be warn or raise")
+    for name in ("image_size", "crop_size"):
+      v = getattr(self, name)
+      if len(v) != 2 or min(v) < 8:
+        bad(name, "must be H,W with both >= 8")
+    if any(c > s for c, s in zip(self.crop_size, self.image_size)):
+      bad("crop_size", f"must not exceed --image_size={self.image_size}")
+    if self.channels not in (1, 3):
+      bad("channels", "must be 1 (grayscale) or 3 (RGB)")
+    if self.P < 2:
+      bad("P", "a batch needs at least 2 identities (negatives)")
+    if self.K < 2:
+      bad("K", "a batch needs at least 2 images per identity (positives)")
+    if not (math.isfinite(self.margin) and self.margin >= 0):
+      bad("margin", "must be finite and >= 0")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      bad("learning_rate", "must be finite and > 0")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      bad("weight_decay", "must be finite and >= 0")
+    for name in ("brightness", "contrast", "grad_clip"):
+      v = getattr(self, name)
+      if not (math.isfinite(v) and v >= 0):
+        bad(name, "must be finite and >= 0")
+    for name in ("num_steps", "log_every", "checkpoint_every", "eval_batch_size",
+                 "max_to_keep", "synthetic_identities"):
+      if getattr(self, name) < 1:
+        bad(name, "must be >= 1")
+    if self.synthetic_images < 2:
+      bad("synthetic_images", "must be >= 2")
+    if self.warmup_steps < 0 or self.eval_every < 0:
+      bad("warmup_steps" if self.warmup_steps < 0 else "eval_every", "must be >= 0")
+    if self.num_holdout < 2:
+      bad("num_holdout", "evaluation needs at least 2 held-out identities")
+    self.encoder_spec()  # validates the architecture
+    return self
+
+  def encoder_spec(self) -> EncoderSpec:
+    return EncoderSpec(spatial_rank=2, in_channels=self.channels, embedding_dim=self.embedding_dim,
+                       stem_width=self.stem_width, stem_stride=self.stem_stride,
+                       widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize)
+
+  def to_dict(self) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TripletConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return cls(**d)

@@ -1,0 +1,103 @@
+"""Tests for jaxface.train.config and the flag layer of experiments/."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from experiments import flagutil
+from jaxface.train.config import TripletConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flags(argv):
+  fv = flags.FlagValues()
+  flagutil.define_flags(TripletConfig, fv)
+  fv(["prog"] + argv)
+  return flagutil.config_from_flags(TripletConfig, fv)
+
+
+def test_flags_round_trip_every_field_and_defaults():
+  cfg = _flags([])
+  assert cfg == TripletConfig()
+  cfg = _flags(["--P=7", "--margin=0.5", "--widths=8,16", "--l2_normalize=false", "--strategy=hard"])
+  assert (cfg.P, cfg.margin, cfg.widths, cfg.l2_normalize, cfg.strategy) == (7, 0.5, (8, 16), False, "hard")
+  assert TripletConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_demo_flagfiles_parse_and_validate():
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    for name in sorted(os.listdir("experiments/configs")):
+      if name.startswith("triplet"):
+        _flags(_strip_workdir(f"experiments/configs/{name}")).validate()
+  finally:
+    os.chdir(cwd)
+
+
+def _strip_workdir(path):
+  # --workdir is the entry point's flag, not a config field: expand the flagfile by hand.
+  out = []
+  for line in open(path):
+    line = line.strip()
+    if not line or line.startswith("#") or line.startswith("--workdir"):
+      continue
+    if line.startswith("--flagfile="):
+      out += _strip_workdir(line.split("=", 1)[1])
+    else:
+      out.append(line)
+  return out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--strategy=nearest"], "--strategy='nearest'"),
+    (["--P=1"], "--P=1"),
+    (["--K=1"], "--K=1"),
+    (["--margin=nan"], "--margin=nan"),
+    (["--crop_size=80,80"], "--crop_size"),
+    (["--data=folder"], "--data_path"),
+    (["--channels=2"], "--channels=2"),
+])
+def test_bad_values_name_the_flag(argv, match):
+  with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+    _flags(argv).validate()
+
+
+def test_non_integer_list_value_is_a_clear_error():
+  with pytest.raises(ValueError, match="--widths=8,x"):
+    _flags(["--widths=8,x"])
+
+
+def _run_cli(args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "experiments.triplet", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_unknown_flag_in_flagfile(tmp_path):
+  ff = tmp_path / "bad.flags"
+  ff.write_text("--P=4\n--no_such_flag=3\n")
+  r = _run_cli([f"--flagfile={ff}", f"--workdir={tmp_path / 'w'}"])
+  assert r.returncode != 0
+  assert "no_such_flag" in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_rejects_bad_value_before_any_compute(tmp_path):
+  ff = tmp_path / "bad.flags"
+  ff.write_text("--strategy=median\n")
+  r = _run_cli([f"--flagfile={ff}", f"--workdir={tmp_path / 'w'}"])
+  assert r.returncode == 2
+  assert "error: --strategy='median'" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_rejects_wrong_type_in_flagfile(tmp_path):
+  ff = tmp_path / "bad.flags"
+  ff.write_text("--P=four\n")
+  r = _run_cli([f"--flagfile={ff}"])
+  assert r.returncode != 0 and "--P" in r.stderr
