@@ -10,6 +10,7 @@ resumes from the latest checkpoint in ``--workdir``.
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from experiments import flagutil
 from jaxface import checkpointing
@@ -22,6 +23,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:
+    # orbax logs every checkpoint step at INFO; progress lines are printed instead.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
   try:

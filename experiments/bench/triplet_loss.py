@@ -31,6 +31,13 @@ so RSS is the only reliable figure. The table shows peak RSS; the baseline
 (imports plus input arrays, no computation) is printed per framework so it
 can be subtracted.
 
+Threads: --threads (default 1) caps both frameworks (OMP_NUM_THREADS and
+torch.set_num_threads for PyTorch; XLA_FLAGS intra-op threads for JAX).
+On a shared machine PyTorch's OpenMP barriers collapse when the cores are
+oversubscribed (measured: 0.6 s instead of 1.7 ms at B = 256 with 2 threads on
+2 busy cores), which would make the comparison meaningless; --threads 0
+keeps each library's default.
+
 The "check" columns give |loss - loss_jaxface| / |loss_jaxface| on identical
 inputs, a guard that the compared programs compute the same loss.
 """
@@ -157,6 +164,8 @@ def _worker(impl: str, strategy: str, b: int, args) -> dict:
   x_np, y_np = _inputs(b, args.dim, args.k)
   if impl == "torch":
     import torch  # pylint: disable=g-import-not-at-top
+    if args.threads > 0:
+      torch.set_num_threads(args.threads)
     x0 = torch.from_numpy(x_np)
     y = torch.from_numpy(y_np).long()
     base = _rss_mb()
@@ -165,7 +174,7 @@ def _worker(impl: str, strategy: str, b: int, args) -> dict:
       x = x0.clone().requires_grad_(True)
       loss = _torch_batch_all(x, y, args.margin, strategy)
       loss.backward()
-      return float(loss), x.grad
+      return float(loss.detach()), x.grad
   else:
     import jax  # pylint: disable=g-import-not-at-top
     from jaxface.losses import triplet_loss  # pylint: disable=g-import-not-at-top
@@ -204,8 +213,17 @@ def _run_child(impl: str, strategy: str, b: int, args) -> dict:
   cmd = [sys.executable, "-m", "experiments.bench.triplet_loss",
          "--_worker", f"{impl}:{strategy}:{b}",
          "--repeats", str(args.repeats), "--dim", str(args.dim),
-         "--k", str(args.k), "--margin", str(args.margin)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+         "--k", str(args.k), "--margin", str(args.margin),
+         "--threads", str(args.threads)]
+  env = dict(os.environ)
+  if args.threads > 0:
+    n = str(args.threads)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = n
+    xla = f"--xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()} "
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla
+                        + f"intra_op_parallelism_threads={n}").strip()
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                        env=env)
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
       return json.loads(line)
@@ -272,6 +290,8 @@ def _parse(argv):
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--k", type=int, default=4, help="images per identity")
   p.add_argument("--margin", type=float, default=0.2)
+  p.add_argument("--threads", type=int, default=1,
+                 help="CPU threads per framework; 0: library defaults")
   p.add_argument("--naive_max_gb", type=float, default=None,
                  help="skip naive runs estimated above this (default: half "
                  "of MemAvailable)")
@@ -304,7 +324,8 @@ def main(argv=None) -> None:
   use_torch = not args.no_torch and _torch_available()
   print(f"triplet_loss benchmark: D={args.dim}, K={args.k} per identity, "
         f"margin={args.margin}, median of {args.repeats} jitted "
-        f"value_and_grad calls, cpus={os.cpu_count()}")
+        f"value_and_grad calls, threads={args.threads or 'default'}, "
+        f"cpus={os.cpu_count()}")
   if not args.no_torch and not use_torch:
     print(f"PyTorch not installed: torch columns skipped ({TORCH_HINT}).")
   print(f"naive B^3 runs limited to an estimated {naive_max:.1f} GB.")

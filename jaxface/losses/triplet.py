@@ -12,7 +12,9 @@ largest class count in the batch), pairing every anchor i with
 start_i + (i - start_i + k) mod count_i enumerates every ordered positive pair
 (a, p), a != p, exactly once over all offsets. Each offset is one [B, B] pass
 over (anchor, negative), so the whole loss is O(B^2 * K_max) time and O(B^2)
-memory; for the usual P x K batches K_max = K is small (4 to 16).
+memory; for the usual P x K batches K_max = K is small (4 to 16). With few
+large classes (worst case two classes of B/2) the time approaches B^3 / 4,
+but the memory stays O(B^2).
 
 The offset loop is a `lax.while_loop` with a data-dependent trip count, which
 JAX cannot reverse-differentiate. The loop therefore only *counts*, on
@@ -25,7 +27,10 @@ with W[a, p] = #active negatives of the pair (a, p) and W[a, n] = -#positives
 p for which (a, p, n) is active. W is constant on each linear piece, so the
 gradient of the right-hand side with respect to the (differentiable)
 distance matrix is exactly W; between pieces (measure zero) it is one of the
-one-sided gradients, like `relu` at 0.
+one-sided gradients, like `relu` at 0. Semi-hard mining uses the same loop
+and weights (two entries per mined triplet). Batch-hard mines with one
+[B, B] pass and recomputes the two mined distances per anchor from the
+embeddings.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jax import lax
 import numpy as np
 
 from jaxface.losses.distances import pairwise_sq_distances
+from jaxface.losses.distances import sq_distance
 
 __all__ = ["STRATEGIES", "triplet_loss"]
 
@@ -133,7 +139,8 @@ def triplet_loss(
       triplet is active the loss is 0 with zero gradient.
     "hard": batch-hard (Hermans et al. 2017): per anchor the hardest positive
       (max d) and hardest negative (min d); mean over anchors with at least one
-      positive and one negative.
+      positive and one negative. At exact ties the lowest index (in
+      label-sorted order) is mined and receives the gradient.
     "semihard": FaceNet. For every valid (anchor, positive) pair, the negative
       with the smallest d_an such that d_ap < d_an and d_ap - d_an + margin > 0
       (i.e. d_an < d_ap + margin). Fallback when no such negative exists: the
@@ -145,6 +152,8 @@ def triplet_loss(
 
   Complexity: O(B^2 * K_max) time and O(B^2) memory, K_max being the size of
   the largest class in the batch (see the module docstring); no B^3 tensor.
+  For "hard" the K_max factor only comes from counting "active_fraction";
+  its loss and gradient are O(B^2) and O(B * D).
 
   Args:
     embeddings: `[B, D]` float32.
@@ -182,7 +191,8 @@ def triplet_loss(
   # the gather.
   order = jnp.argsort(labels, stable=True)
   lab = labels[order]
-  d = pairwise_sq_distances(embeddings[order])
+  emb = embeddings[order]
+  d = pairwise_sq_distances(emb)
   d_ng = lax.stop_gradient(d).astype(f32)
 
   idx = jnp.arange(b, dtype=jnp.int32)
@@ -231,14 +241,15 @@ def triplet_loss(
 
   if strategy == "hard":
     valid_anchor = has_pos & has_neg
-    hardest_p = jnp.max(jnp.where(pos, d, -jnp.inf), axis=1)
-    hardest_n = jnp.min(jnp.where(neg, d, jnp.inf), axis=1)
-    # Anchors without a positive or negative have infinite extremes; zero them
-    # before they meet arithmetic so neither value nor gradient sees inf.
-    hardest_p = jnp.where(valid_anchor, hardest_p, 0.0)
-    hardest_n = jnp.where(valid_anchor, hardest_n, 0.0)
+    # Mine on the stop-gradient matrix, then recompute the two chosen
+    # distances from the embeddings: the backward pass is then O(B * D)
+    # instead of pushing a dense [B, B] cotangent through the matmul.
+    hardest_p = jnp.argmax(jnp.where(pos, d_ng, -jnp.inf), axis=1)
+    hardest_n = jnp.argmin(jnp.where(neg, d_ng, jnp.inf), axis=1)
+    d_hp = sq_distance(emb, emb[hardest_p])
+    d_hn = sq_distance(emb, emb[hardest_n])
     per_anchor = jnp.where(valid_anchor,
-                           jax.nn.relu(hardest_p - hardest_n + margin), 0.0)
+                           jax.nn.relu(d_hp - d_hn + margin), 0.0)
     num_anchors = jnp.sum(valid_anchor, dtype=f32)
     loss = _safe_div(jnp.sum(per_anchor), num_anchors)
 
@@ -248,9 +259,10 @@ def triplet_loss(
 
     (num_active,) = _offset_loop(start, count, has_neg, count_body,
                                  (jnp.zeros((), f32),))
+    d_hp, d_hn = lax.stop_gradient(d_hp), lax.stop_gradient(d_hn)
     return loss.astype(f32), metrics(
-        _safe_div(jnp.sum(lax.stop_gradient(hardest_p)), num_anchors),
-        _safe_div(jnp.sum(lax.stop_gradient(hardest_n)), num_anchors),
+        _safe_div(jnp.sum(jnp.where(valid_anchor, d_hp, 0.0)), num_anchors),
+        _safe_div(jnp.sum(jnp.where(valid_anchor, d_hn, 0.0)), num_anchors),
         num_active)
 
   # semihard
