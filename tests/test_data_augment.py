@@ -156,3 +156,47 @@ def test_augment_validation():
     aug.augment(jax.random.key(0), x, crop_size=(4, 4), contrast=1.0)
   with pytest.raises(ValueError, match=r"images must be \[B, H, W, C\]"):
     aug.augment(jax.random.key(0), x[0], crop_size=(4, 4))
+
+
+def _brute_affine(image, oy, ox, crop, s, theta):
+  """Bilinear sampling with edge clamping, one output pixel at a time."""
+  h, w, c = image.shape
+  ch, cw = crop
+  out = np.zeros((ch, cw, c))
+  for i in range(ch):
+    for j in range(cw):
+      y, x = i - (ch - 1) / 2, j - (cw - 1) / 2
+      sy = oy + (ch - 1) / 2 + (np.cos(theta) * y - np.sin(theta) * x) / s
+      sx = ox + (cw - 1) / 2 + (np.sin(theta) * y + np.cos(theta) * x) / s
+      y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+      fy, fx = sy - y0, sx - x0
+      for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                          (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        out[i, j] += wgt * image[min(max(y0 + dy, 0), h - 1), min(max(x0 + dx, 0), w - 1)]
+  return out
+
+
+def test_affine_crop_matches_brute_force_bilinear_sampling():
+  from jaxface.data.augment import _affine_crop
+  rng = np.random.default_rng(0)
+  image = rng.random((12, 10, 2)).astype(np.float32)
+  key = jax.random.key(3)
+  got = np.asarray(_affine_crop(key, jnp.asarray(image), 1, 2, (8, 6), 0.3, 30.0))
+  k_s, k_r = jax.random.split(key)
+  s = float(jax.random.uniform(k_s, (), jnp.float32, 0.7, 1.3))
+  theta = float(np.deg2rad(jax.random.uniform(k_r, (), jnp.float32, -30.0, 30.0)))
+  # float32 trigonometry and coordinates vs float64 reference: a few ulps of a [0, 1] pixel.
+  np.testing.assert_allclose(got, _brute_affine(image, 1, 2, (8, 6), s, theta), atol=2e-5)
+
+
+def test_scale_and_rotate_change_images_but_zero_strength_is_a_plain_crop():
+  images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+  kw = dict(crop_size=(12, 12), flip=False, brightness=0.0, contrast=0.0)
+  plain = aug.augment(jax.random.key(1), images, **kw)
+  warped = aug.augment(jax.random.key(1), images, scale=0.2, rotate=20.0, **kw)
+  assert warped.shape == plain.shape and not np.allclose(plain, warped)
+  assert float(warped.min()) >= 0.0 and float(warped.max()) <= 1.0
+  with pytest.raises(ValueError, match="rotate"):
+    aug.augment(jax.random.key(1), images, rotate=90.0, **kw)
+  with pytest.raises(ValueError, match="scale"):
+    aug.augment(jax.random.key(1), images, scale=0.9, **kw)

@@ -97,3 +97,17 @@ def test_parse_ints():
   assert enc.parse_ints("32, 64,128") == (32, 64, 128)
   with pytest.raises(ValueError, match="comma-separated"):
     enc.parse_ints("3x")
+
+
+def test_flatten_pool_keeps_layout_and_checks_input_size():
+  spec = enc.EncoderSpec(pool="flatten", input_size=(20, 16), stem_stride=2, **SMALL)
+  assert spec.feature_size() == (5, 4)  # 20x16 -> stem /2 -> 10x8 -> stage 2 /2 -> 5x4
+  m = enc.build_encoder(spec)
+  x = jax.random.uniform(jax.random.key(7), (3, 20, 16, 3))
+  assert m(x).shape == (3, 16)
+  avg = enc.build_encoder(enc.EncoderSpec(**SMALL))
+  assert avg.head.in_features == 16 and m.head.in_features == 16 * 5 * 4
+  with pytest.raises(ValueError, match="built for input size"):
+    m(jnp.zeros((1, 24, 16, 3)))
+  with pytest.raises(ValueError, match="needs input_size"):
+    enc.EncoderSpec(pool="flatten", **SMALL)

@@ -185,3 +185,19 @@ def test_fewer_than_two_identities_is_an_error(tmp_path):
   cfg = TripletConfig(**{**TINY.to_dict(), "data": "folder", "data_path": str(tmp_path / "data")})
   with pytest.raises(ValueError, match="identit"):
     triplet.run(cfg, str(tmp_path / "w"), printer=lambda s: None)
+
+
+def test_eval_flip_embeds_an_image_and_its_mirror_identically():
+  graphdef, _, state = triplet.init_state(TINY)
+  images = _batch(TINY)["images"]
+  mirror = images[:, :, ::-1, :].copy()
+  with_flip = triplet.make_embed_fn(graphdef, TINY)
+  cfg_plain = TripletConfig(**{**TINY.to_dict(), "eval_flip": False})
+  plain = triplet.make_embed_fn(graphdef, cfg_plain)
+  a = np.asarray(with_flip(state["params"], state["rest"], images))
+  b = np.asarray(with_flip(state["params"], state["rest"], mirror))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(a, axis=-1), 1.0, atol=1e-5)
+  p1 = np.asarray(plain(state["params"], state["rest"], images))
+  p2 = np.asarray(plain(state["params"], state["rest"], mirror))
+  assert not np.allclose(p1, p2, atol=1e-4)

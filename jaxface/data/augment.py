@@ -85,10 +85,15 @@ def augment_single(
     flip: bool = True,
     brightness: float = 0.2,
     contrast: float = 0.2,
+    scale: float = 0.0,
+    rotate: float = 0.0,
 ) -> jax.Array:
   """Augments one image. [H, W, C] float32 in [0, 1] -> [crop_h, crop_w, C] float32 in [0, 1].
 
-  Random crop at a uniform offset; horizontal flip with probability 1/2 (if
+  Random crop at a uniform offset; with ``scale`` or ``rotate`` the crop is
+  resampled (bilinear, edge pixels repeated) through a zoom by
+  s ~ U(1 - scale, 1 + scale) and a rotation by U(-rotate, rotate) degrees
+  about the crop's centre; horizontal flip with probability 1/2 (if
   ``flip``); brightness: add delta ~ U(-brightness, brightness); contrast:
   scale each channel's deviation from its mean by f ~ U(1 - contrast, 1 + contrast);
   then clip to [0, 1]. A strength of 0 turns that step off.
@@ -100,7 +105,10 @@ def augment_single(
   k_y, k_x, k_flip, k_b, k_c = jax.random.split(rng, 5)
   oy = jax.random.randint(k_y, (), 0, h - ch + 1)
   ox = jax.random.randint(k_x, (), 0, w - cw + 1)
-  out = jax.lax.dynamic_slice(image, (oy, ox, 0), (ch, cw, c))
+  if scale or rotate:
+    out = _affine_crop(jax.random.fold_in(rng, 1), image, oy, ox, (ch, cw), scale, rotate)
+  else:
+    out = jax.lax.dynamic_slice(image, (oy, ox, 0), (ch, cw, c))
   if flip:
     out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1, :], out)
   if brightness:
@@ -112,11 +120,28 @@ def augment_single(
   return jnp.clip(out, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("crop_size", "flip", "brightness", "contrast"))
-def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast):
+def _affine_crop(rng, image, oy, ox, crop_hw, scale, rotate):
+  """[H, W, C] -> [ch, cw, C]: the crop at (oy, ox), zoomed and rotated about its centre."""
+  ch, cw = crop_hw
+  k_s, k_r = jax.random.split(rng)
+  s = jax.random.uniform(k_s, (), jnp.float32, 1.0 - scale, 1.0 + scale)
+  theta = jnp.deg2rad(jax.random.uniform(k_r, (), jnp.float32, -rotate, rotate))
+  yy, xx = jnp.meshgrid(jnp.arange(ch, dtype=jnp.float32) - (ch - 1) / 2,
+                        jnp.arange(cw, dtype=jnp.float32) - (cw - 1) / 2, indexing="ij")
+  cos, sin = jnp.cos(theta) / s, jnp.sin(theta) / s
+  src_y = oy + (ch - 1) / 2 + cos * yy - sin * xx
+  src_x = ox + (cw - 1) / 2 + sin * yy + cos * xx
+  sample = lambda plane: jax.scipy.ndimage.map_coordinates(plane, [src_y, src_x], order=1,
+                                                           mode="nearest")
+  return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_size", "flip", "brightness", "contrast",
+                                             "scale", "rotate"))
+def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast, scale, rotate):
   keys = jax.random.split(rng, images.shape[0])
   one = functools.partial(augment_single, crop_size=crop_size, flip=flip,
-                          brightness=brightness, contrast=contrast)
+                          brightness=brightness, contrast=contrast, scale=scale, rotate=rotate)
   return jax.vmap(one)(keys, images)
 
 
@@ -128,6 +153,8 @@ def augment(
     flip: bool = True,
     brightness: float = 0.2,
     contrast: float = 0.2,
+    scale: float = 0.0,
+    rotate: float = 0.0,
 ) -> jax.Array:
   """Per-image random augmentation of a batch (jitted; see ``augment_single``).
 
@@ -138,6 +165,8 @@ def augment(
     flip: random horizontal flips.
     brightness: max additive brightness change (0 = off).
     contrast: max relative contrast change (0 = off).
+    scale: max relative zoom, in [0, 0.5] (0 = off).
+    rotate: max rotation in degrees, in [0, 45] (0 = off).
 
   Returns:
     [B, crop_h, crop_w, C] float32 in [0, 1].
@@ -151,6 +180,11 @@ def augment(
   # A factor range reaching 0 could flatten an image completely.
   if not 0.0 <= float(contrast) < 1.0:
     raise ValueError(f"contrast must be in [0, 1), got {contrast}")
+  if not 0.0 <= float(scale) <= 0.5:
+    raise ValueError(f"scale must be in [0, 0.5], got {scale}")
+  if not 0.0 <= float(rotate) <= 45.0:
+    raise ValueError(f"rotate must be in [0, 45] degrees, got {rotate}")
   crop = _check_crop(images.shape[1:3], crop_size)
   return _augment_jit(rng, images, crop_size=crop, flip=bool(flip),
-                      brightness=float(brightness), contrast=float(contrast))
+                      brightness=float(brightness), contrast=float(contrast),
+                      scale=float(scale), rotate=float(rotate))

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -38,6 +39,10 @@ class EncoderSpec:
     depths: residual blocks per stage (same length as ``widths``).
     l2_normalize: project embeddings onto the unit sphere, as FaceNet does, so
       squared distances lie in [0, 4] and a margin has a fixed meaning.
+    pool: "avg" (global average pooling: any input size) or "flatten" (keep
+      the final feature map's layout, as face-recognition heads do: where a
+      feature is matters for aligned faces; needs ``input_size``).
+    input_size: spatial input size, required by ``pool="flatten"``.
   """
   spatial_rank: int = 2
   in_channels: int = 3
@@ -47,6 +52,8 @@ class EncoderSpec:
   widths: tuple[int, ...] = (32, 64, 128, 256)
   depths: tuple[int, ...] = (1, 1, 1, 1)
   l2_normalize: bool = True
+  pool: str = "avg"
+  input_size: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.spatial_rank not in (1, 2, 3):
@@ -59,6 +66,19 @@ class EncoderSpec:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if min(self.widths) < 1 or min(self.depths) < 1:
       raise ValueError(f"widths and depths must be >= 1, got {self.widths}, {self.depths}")
+    if self.pool not in ("avg", "flatten"):
+      raise ValueError(f"pool must be 'avg' or 'flatten', got {self.pool!r}")
+    if self.pool == "flatten" and len(self.input_size) != self.spatial_rank:
+      raise ValueError(f"pool='flatten' needs input_size with {self.spatial_rank} entries, "
+                       f"got {self.input_size}")
+
+  def feature_size(self) -> tuple[int, ...]:
+    """Spatial size of the last feature map for ``input_size`` (SAME padding)."""
+    size = tuple(self.input_size)
+    strides = [self.stem_stride] + [2] * (len(self.widths) - 1)
+    for s in strides:
+      size = tuple(-(-n // s) for n in size)
+    return size
 
 
 def _conv(in_ch: int, out_ch: int, rank: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -111,6 +131,8 @@ class Encoder(nnx.Module):
         blocks.append(ResidualBlock(in_ch, width, stride, r, rngs=rngs))
         in_ch = width
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
+    if spec.pool == "flatten":
+      in_ch *= int(np.prod(spec.feature_size()))
     self.head = nnx.Linear(in_ch, spec.embedding_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -133,7 +155,13 @@ class Encoder(nnx.Module):
     x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
     for block in self.blocks:
       x = block(x, train)
-    x = jnp.mean(x, axis=tuple(range(1, 1 + self.spec.spatial_rank)))
+    if self.spec.pool == "flatten":
+      if tuple(x.shape[1:-1]) != self.spec.feature_size():
+        raise ValueError(f"pool='flatten' was built for input size {self.spec.input_size}; "
+                         f"this input gives feature map {tuple(x.shape[1:-1])}")
+      x = x.reshape(x.shape[0], -1)
+    else:
+      x = jnp.mean(x, axis=tuple(range(1, 1 + self.spec.spatial_rank)))
     x = self.head(x)
     if self.spec.l2_normalize:
       # eps inside the sqrt keeps the gradient finite for an all-zero embedding.

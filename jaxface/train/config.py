@@ -16,7 +16,7 @@ DATA_KINDS = ("synthetic", "folder", "tfds")
 
 # Keys a resumed run may change without starting over.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every", "eval_batch_size",
-                     "max_to_keep", "roc_png")
+                     "max_to_keep", "roc_png", "eval_flip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,8 @@ class TripletConfig:
   flip: bool = True
   brightness: float = 0.2
   contrast: float = 0.2
+  scale: float = 0.0                      # random zoom, max relative change
+  rotate: float = 0.0                     # random rotation, max degrees
   # --- model
   embedding_dim: int = 128
   stem_width: int = 32
@@ -51,6 +53,7 @@ class TripletConfig:
   widths: tuple[int, ...] = (32, 64, 128, 256)
   depths: tuple[int, ...] = (1, 1, 1, 1)
   l2_normalize: bool = True
+  pool: str = "avg"                       # avg (global average) | flatten (keeps face layout)
   # --- optimisation
   num_steps: int = 400
   learning_rate: float = 3e-3
@@ -64,6 +67,7 @@ class TripletConfig:
   max_to_keep: int = 2
   eval_every: int = 0                     # 0: evaluate only at the end
   eval_batch_size: int = 128
+  eval_flip: bool = True                  # embed image + mirror image, average (test-time augmentation)
   roc_png: bool = True
 
   def __post_init__(self):
@@ -104,6 +108,10 @@ class TripletConfig:
       bad("learning_rate", "must be finite and > 0")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       bad("weight_decay", "must be finite and >= 0")
+    if not 0 <= self.scale <= 0.5:
+      bad("scale", "must be in [0, 0.5]")
+    if not 0 <= self.rotate <= 45:
+      bad("rotate", "must be in [0, 45] degrees")
     for name in ("brightness", "contrast", "grad_clip"):
       v = getattr(self, name)
       if not (math.isfinite(v) and v >= 0):
@@ -124,7 +132,8 @@ class TripletConfig:
   def encoder_spec(self) -> EncoderSpec:
     return EncoderSpec(spatial_rank=2, in_channels=self.channels, embedding_dim=self.embedding_dim,
                        stem_width=self.stem_width, stem_stride=self.stem_stride,
-                       widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize)
+                       widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize,
+                       pool=self.pool, input_size=tuple(self.crop_size))
 
   def to_dict(self) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -134,7 +134,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     x = augment_lib.augment(rng, augment_lib.to_float(batch["images"]), crop_size=crop,
-                            flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast)
+                            flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast,
+                            scale=cfg.scale, rotate=cfg.rotate)
 
     def loss_fn(params):
       emb, new_rest = encoder_lib.apply(graphdef, params, state["rest"], x, train=True)
@@ -174,13 +175,26 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
-  """Jitted eval-mode ``embed(params, rest, images [B,H,W,C] uint8) -> [B, D] float32``."""
+  """Jitted eval-mode ``embed(params, rest, images [B,H,W,C] uint8) -> [B, D] float32``.
+
+  With ``cfg.eval_flip`` the embedding is that of the image plus its mirror
+  image (renormalised), the usual test-time augmentation for faces.
+  """
   crop = tuple(cfg.crop_size)
 
   @jax.jit
   def embed(params, rest, images):
     x = augment_lib.center_crop(augment_lib.to_float(images), crop)
     emb, _ = encoder_lib.apply(graphdef, params, rest, x, train=False)
+    if cfg.eval_flip:
+      # A face and its mirror image are the same person: averaging both views
+      # removes the left/right bias the encoder learned from one view.
+      flipped, _ = encoder_lib.apply(graphdef, params, rest, x[:, :, ::-1, :], train=False)
+      emb = emb + flipped
+      if cfg.l2_normalize:
+        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+      else:
+        emb = emb / 2
     return emb
 
   return embed

@@ -1,0 +1,48 @@
+"""End-to-end runs of `python -m experiments.triplet` on the tiny flagfiles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxface import paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATT = os.path.join(paths.data_root(), "faces", "att_orl")
+
+
+def _run(flagfile, workdir, *extra):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.triplet", f"--flagfile=experiments/configs/{flagfile}",
+       f"--workdir={workdir}", *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not os.path.isdir(ATT), reason=f"AT&T/ORL data not found at {ATT} (set JAXFACE_DATA)")
+def test_att_orl_tiny_trains_on_s1_s30_and_evaluates_on_s31_s40(tmp_path):
+  r = _run("triplet_att_orl_tiny.flags", tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "300 train images of 30 identities, 100 held-out images of 10 identities" in r.stdout
+  m = json.load(open(tmp_path / "metrics.json"))
+  assert m["eval/num_identities"] == 10
+  assert 0.0 <= m["eval/accuracy"] <= 1.0 and 0.0 <= m["eval/rank1"] <= 1.0
+  assert (tmp_path / "roc.png").exists()
+
+
+def test_folder_with_one_identity_fails_with_a_clear_message(tmp_path):
+  (tmp_path / "root" / "alice").mkdir(parents=True)
+  from PIL import Image
+  for i in range(3):
+    Image.new("L", (40, 40), 30 * i).save(tmp_path / "root" / "alice" / f"{i}.png")
+  r = _run("triplet_demo_tiny.flags", tmp_path / "w", "--data=folder",
+           f"--data_path={tmp_path / 'root'}")
+  assert r.returncode == 2
+  assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+  assert "identit" in r.stderr
+
+
+def test_missing_folder_is_named_in_the_error(tmp_path):
+  r = _run("triplet_demo_tiny.flags", tmp_path / "w", "--data=folder",
+           f"--data_path={tmp_path / 'nowhere'}")
+  assert r.returncode == 2 and str(tmp_path / "nowhere") in r.stderr
