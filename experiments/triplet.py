@@ -23,6 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  flagutil.tune_cpu_xla()
   if not FLAGS["verbosity"].present:
     # orbax logs every checkpoint step at INFO; progress lines are printed instead.
     logging.set_verbosity(logging.WARNING)

@@ -101,3 +101,21 @@ def test_cli_rejects_wrong_type_in_flagfile(tmp_path):
   ff.write_text("--P=four\n")
   r = _run_cli([f"--flagfile={ff}"])
   assert r.returncode != 0 and "--P" in r.stderr
+
+
+def test_tune_cpu_xla_adds_the_flag_once_and_respects_opt_out(monkeypatch):
+  import importlib.metadata
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+  monkeypatch.delenv("JAXFACE_NO_XLA_TUNING", raising=False)
+  flagutil.tune_cpu_xla()
+  flagutil.tune_cpu_xla()
+  assert os.environ["XLA_FLAGS"] == "--xla_foo=1 " + flagutil.YNN_FLAG
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAXFACE_NO_XLA_TUNING", "1")
+  flagutil.tune_cpu_xla()
+  assert os.environ["XLA_FLAGS"] == ""
+  monkeypatch.delenv("JAXFACE_NO_XLA_TUNING")
+  monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")
+  flagutil.tune_cpu_xla()
+  assert os.environ["XLA_FLAGS"] == ""

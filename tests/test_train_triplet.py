@@ -201,3 +201,30 @@ def test_eval_flip_embeds_an_image_and_its_mirror_identically():
   p1 = np.asarray(plain(state["params"], state["rest"], images))
   p2 = np.asarray(plain(state["params"], state["rest"], mirror))
   assert not np.allclose(p1, p2, atol=1e-4)
+
+
+def test_run_reads_a_tfds_dataset_through_data_source(tmp_path):
+  import tensorflow_datasets as tfds
+  cfg = TripletConfig(**{**TINY.to_dict(), "data": "tfds", "tfds_name": "mnist",
+                         "channels": 1, "image_size": (28, 28), "crop_size": (24, 24),
+                         "num_steps": 2, "num_holdout": 3, "P": 3, "K": 2})
+  with tfds.testing.mock_data(num_examples=120, policy=tfds.testing.MockPolicy.USE_CODE):
+    res = triplet.run(cfg, str(tmp_path), printer=lambda s: None)
+  assert res["eval/num_identities"] == 3.0
+  assert 0.0 <= res["eval/accuracy"] <= 1.0
+
+
+def test_ema_follows_the_polyak_recurrence_and_is_what_evaluation_uses():
+  cfg = TripletConfig(**{**TINY.to_dict(), "ema_decay": 0.5})
+  graphdef, tx, state = triplet.init_state(cfg)
+  step = triplet.make_train_step(graphdef, tx, cfg)
+  expected = jax.tree.map(np.asarray, state["params"])
+  for i in range(3):
+    state, _ = step(state, _batch(cfg, seed=i))
+    live = jax.tree.map(np.asarray, state["params"])
+    expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expected, live)
+  ema = jax.tree.map(np.asarray, state["ema"])
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert triplet.eval_params(state) is state["ema"]
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(live)))

@@ -24,12 +24,13 @@ import time
 from absl import app
 from absl import flags
 
+from experiments.flagutil import YNN_FLAG
+
 flags.DEFINE_integer("steps", 20, "timed steps per variant (after 3 warm-up steps)")
 flags.DEFINE_enum("config", "demo", ["demo", "att_orl"], "batch/model shapes to time")
 flags.DEFINE_string("worker", "", "internal: run one variant and print JSON")
 FLAGS = flags.FLAGS
 
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def _config(name: str):
@@ -133,7 +134,7 @@ def _torch_step(name: str, steps: int) -> dict | None:
 
 
 def _run_worker(variant: str, name: str, steps: int) -> dict:
-  env = dict(os.environ)
+  env = dict(os.environ, JAXFACE_NO_XLA_TUNING="1")
   if variant == "ynn":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + YNN_FLAG).strip()
   else:

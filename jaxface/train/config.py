@@ -60,6 +60,7 @@ class TripletConfig:
   warmup_steps: int = 40
   weight_decay: float = 1e-4
   grad_clip: float = 1.0
+  ema_decay: float = 0.0                  # > 0: evaluate an exponential moving average of the weights
   seed: int = 0
   # --- bookkeeping
   log_every: int = 20
@@ -108,6 +109,8 @@ class TripletConfig:
       bad("learning_rate", "must be finite and > 0")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       bad("weight_decay", "must be finite and >= 0")
+    if not 0 <= self.ema_decay < 1:
+      bad("ema_decay", "must be in [0, 1)")
     if not 0 <= self.scale <= 0.5:
       bad("scale", "must be in [0, 0.5]")
     if not 0 <= self.rotate <= 45:

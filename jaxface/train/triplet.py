@@ -116,7 +116,14 @@ def init_state(cfg: TripletConfig) -> tuple[nnx.GraphDef, optax.GradientTransfor
       "rng": jax.random.key_data(jax.random.key(cfg.seed + 1)),
       "bad_step": jnp.full((), -1, jnp.int32),
   }
+  if cfg.ema_decay > 0:
+    state["ema"] = jax.tree.map(jnp.copy, params)
   return graphdef, tx, state
+
+
+def eval_params(state: State) -> nnx.State:
+  """The parameters to evaluate with: the moving average when kept, else the live ones."""
+  return state.get("ema", state["params"])
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -159,6 +166,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "rng": state["rng"],
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], state["step"]),
     }
+    if "ema" in state:
+      # Polyak averaging: the average of recent weights generalises better than
+      # the last iterate when few identities let the net memorise quickly.
+      d = cfg.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new_state["params"])
+      new_state["ema"] = keep(ema, state["ema"])
     metrics = {
         "train/loss": loss,
         "train/active_fraction": aux["active_fraction"],
@@ -224,7 +237,7 @@ def embed_source(embed, params, rest, source: source_lib.ImageSource, batch_size
 def evaluate(embed, state: State, holdout: source_lib.ImageSource, cfg: TripletConfig,
              workdir: str | None) -> dict:
   """Verification and identification on held-out identities; writes metrics.json and roc.png."""
-  emb = embed_source(embed, state["params"], state["rest"], holdout, cfg.eval_batch_size)
+  emb = embed_source(embed, eval_params(state), state["rest"], holdout, cfg.eval_batch_size)
   if not np.all(np.isfinite(emb)):
     raise TrainingError("held-out embeddings are not finite")
   results, roc = metrics_lib.evaluate_embeddings(emb, holdout.labels, seed=cfg.seed)
@@ -400,4 +413,4 @@ def load_params(workdir: str):
     cfg = TripletConfig.from_dict(saved)
     graphdef, _, state = init_state(cfg)
     _, state = ckpt.restore(checkpointing.abstract_like(state))
-  return nnx.merge(graphdef, state["params"], state["rest"]), cfg
+  return nnx.merge(graphdef, eval_params(state), state["rest"]), cfg
