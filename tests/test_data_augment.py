@@ -200,3 +200,26 @@ def test_scale_and_rotate_change_images_but_zero_strength_is_a_plain_crop():
     aug.augment(jax.random.key(1), images, rotate=90.0, **kw)
   with pytest.raises(ValueError, match="scale"):
     aug.augment(jax.random.key(1), images, scale=0.9, **kw)
+
+
+def test_random_erase_replaces_one_rectangle_and_prob_zero_or_one_behaves():
+  from jaxface.data.augment import _random_erase
+  image = jnp.full((20, 16, 1), 0.5, jnp.float32)
+  changed_fracs = []
+  for i in range(20):
+    out = np.asarray(_random_erase(jax.random.key(i), image, 1.0))[..., 0]
+    changed = out != 0.5
+    ys, xs = np.nonzero(changed)
+    assert ys.size > 0
+    # The changed pixels fill their bounding box (one axis-aligned rectangle; a noise
+    # value equal to 0.5 exactly has probability ~0).
+    box = changed[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    assert box.all()
+    changed_fracs.append(changed.mean())
+  # Area 2-25% of the image (clipping at the border can only shrink it; rounding to
+  # whole pixels can add up to one row and column).
+  assert 0.0 < min(changed_fracs) and max(changed_fracs) <= 0.25 + (20 + 16) / 320
+  untouched = np.asarray(_random_erase(jax.random.key(0), image, 0.0))
+  np.testing.assert_array_equal(untouched, np.asarray(image))
+  with pytest.raises(ValueError, match="erase"):
+    aug.augment(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), crop_size=(8, 8), erase=1.5)

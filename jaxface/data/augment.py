@@ -87,6 +87,7 @@ def augment_single(
     contrast: float = 0.2,
     scale: float = 0.0,
     rotate: float = 0.0,
+    erase: float = 0.0,
 ) -> jax.Array:
   """Augments one image. [H, W, C] float32 in [0, 1] -> [crop_h, crop_w, C] float32 in [0, 1].
 
@@ -96,7 +97,10 @@ def augment_single(
   about the crop's centre; horizontal flip with probability 1/2 (if
   ``flip``); brightness: add delta ~ U(-brightness, brightness); contrast:
   scale each channel's deviation from its mean by f ~ U(1 - contrast, 1 + contrast);
-  then clip to [0, 1]. A strength of 0 turns that step off.
+  then clip to [0, 1]; finally, with probability ``erase``, random erasing
+  (Zhong et al. 2017): a rectangle of 2-25% of the crop with aspect ratio
+  1/3..3 is filled with uniform noise, so no single face region decides.
+  A strength of 0 turns that step off.
   """
   if image.ndim != 3:
     raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
@@ -117,7 +121,27 @@ def augment_single(
     factor = jax.random.uniform(k_c, (), out.dtype, 1.0 - contrast, 1.0 + contrast)
     mean = jnp.mean(out, axis=(0, 1), keepdims=True)
     out = mean + factor * (out - mean)
-  return jnp.clip(out, 0.0, 1.0)
+  out = jnp.clip(out, 0.0, 1.0)
+  if erase:
+    out = _random_erase(jax.random.fold_in(rng, 2), out, erase)
+  return out
+
+
+def _random_erase(rng, image, prob):
+  """[h, w, C] -> same: one random rectangle replaced by U(0, 1) noise with probability ``prob``."""
+  h, w, c = image.shape
+  k_p, k_a, k_r, k_y, k_x, k_n = jax.random.split(rng, 6)
+  area = jax.random.uniform(k_a, (), jnp.float32, 0.02, 0.25) * h * w
+  aspect = jnp.exp(jax.random.uniform(k_r, (), jnp.float32, -jnp.log(3.0), jnp.log(3.0)))
+  eh = jnp.clip(jnp.sqrt(area * aspect), 1, h)
+  ew = jnp.clip(jnp.sqrt(area / aspect), 1, w)
+  y0 = jax.random.uniform(k_y, (), jnp.float32, 0, 1) * (h - eh)
+  x0 = jax.random.uniform(k_x, (), jnp.float32, 0, 1) * (w - ew)
+  yy = jnp.arange(h, dtype=jnp.float32)[:, None, None]
+  xx = jnp.arange(w, dtype=jnp.float32)[None, :, None]
+  inside = (yy >= y0) & (yy < y0 + eh) & (xx >= x0) & (xx < x0 + ew)
+  inside = inside & jax.random.bernoulli(k_p, prob)
+  return jnp.where(inside, jax.random.uniform(k_n, image.shape, image.dtype), image)
 
 
 def _affine_crop(rng, image, oy, ox, crop_hw, scale, rotate):
@@ -137,11 +161,12 @@ def _affine_crop(rng, image, oy, ox, crop_hw, scale, rotate):
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size", "flip", "brightness", "contrast",
-                                             "scale", "rotate"))
-def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast, scale, rotate):
+                                             "scale", "rotate", "erase"))
+def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast, scale, rotate, erase):
   keys = jax.random.split(rng, images.shape[0])
   one = functools.partial(augment_single, crop_size=crop_size, flip=flip,
-                          brightness=brightness, contrast=contrast, scale=scale, rotate=rotate)
+                          brightness=brightness, contrast=contrast, scale=scale, rotate=rotate,
+                          erase=erase)
   return jax.vmap(one)(keys, images)
 
 
@@ -155,6 +180,7 @@ def augment(
     contrast: float = 0.2,
     scale: float = 0.0,
     rotate: float = 0.0,
+    erase: float = 0.0,
 ) -> jax.Array:
   """Per-image random augmentation of a batch (jitted; see ``augment_single``).
 
@@ -167,6 +193,7 @@ def augment(
     contrast: max relative contrast change (0 = off).
     scale: max relative zoom, in [0, 0.5] (0 = off).
     rotate: max rotation in degrees, in [0, 45] (0 = off).
+    erase: probability of random erasing, in [0, 1] (0 = off).
 
   Returns:
     [B, crop_h, crop_w, C] float32 in [0, 1].
@@ -184,7 +211,9 @@ def augment(
     raise ValueError(f"scale must be in [0, 0.5], got {scale}")
   if not 0.0 <= float(rotate) <= 45.0:
     raise ValueError(f"rotate must be in [0, 45] degrees, got {rotate}")
+  if not 0.0 <= float(erase) <= 1.0:
+    raise ValueError(f"erase must be a probability in [0, 1], got {erase}")
   crop = _check_crop(images.shape[1:3], crop_size)
   return _augment_jit(rng, images, crop_size=crop, flip=bool(flip),
                       brightness=float(brightness), contrast=float(contrast),
-                      scale=float(scale), rotate=float(rotate))
+                      scale=float(scale), rotate=float(rotate), erase=float(erase))

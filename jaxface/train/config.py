@@ -46,6 +46,7 @@ class TripletConfig:
   contrast: float = 0.2
   scale: float = 0.0                      # random zoom, max relative change
   rotate: float = 0.0                     # random rotation, max degrees
+  erase: float = 0.0                      # probability of random erasing (a noise rectangle)
   # --- model
   embedding_dim: int = 128
   stem_width: int = 32
@@ -111,6 +112,8 @@ class TripletConfig:
       bad("weight_decay", "must be finite and >= 0")
     if not 0 <= self.ema_decay < 1:
       bad("ema_decay", "must be in [0, 1)")
+    if not 0 <= self.erase <= 1:
+      bad("erase", "must be a probability in [0, 1]")
     if not 0 <= self.scale <= 0.5:
       bad("scale", "must be in [0, 0.5]")
     if not 0 <= self.rotate <= 45:

@@ -142,7 +142,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     x = augment_lib.augment(rng, augment_lib.to_float(batch["images"]), crop_size=crop,
                             flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast,
-                            scale=cfg.scale, rotate=cfg.rotate)
+                            scale=cfg.scale, rotate=cfg.rotate, erase=cfg.erase)
 
     def loss_fn(params):
       emb, new_rest = encoder_lib.apply(graphdef, params, state["rest"], x, train=True)
