@@ -130,7 +130,7 @@ class Encoder(nnx.Module):
         stride = 2 if (stage > 0 and i == 0) else 1
         blocks.append(ResidualBlock(in_ch, width, stride, r, rngs=rngs))
         in_ch = width
-    self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
+    self.blocks = nnx.List(blocks)
     if spec.pool == "flatten":
       in_ch *= int(np.prod(spec.feature_size()))
     self.head = nnx.Linear(in_ch, spec.embedding_dim, rngs=rngs)
@@ -163,10 +163,13 @@ class Encoder(nnx.Module):
     else:
       x = jnp.mean(x, axis=tuple(range(1, 1 + self.spec.spatial_rank)))
     x = self.head(x)
-    if self.spec.l2_normalize:
-      # eps inside the sqrt keeps the gradient finite for an all-zero embedding.
-      x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-    return x
+    return l2_normalize(x) if self.spec.l2_normalize else x
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """``[..., D]`` -> unit-norm rows, same shape and dtype."""
+  # eps inside the sqrt keeps the gradient finite for an all-zero embedding.
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 def build_encoder(spec: EncoderSpec, seed: int = 0) -> Encoder:

@@ -203,11 +203,7 @@ def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
       # A face and its mirror image are the same person: averaging both views
       # removes the left/right bias the encoder learned from one view.
       flipped, _ = encoder_lib.apply(graphdef, params, rest, x[:, :, ::-1, :], train=False)
-      emb = emb + flipped
-      if cfg.l2_normalize:
-        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
-      else:
-        emb = emb / 2
+      emb = encoder_lib.l2_normalize(emb + flipped) if cfg.l2_normalize else (emb + flipped) / 2
     return emb
 
   return embed
