@@ -46,3 +46,27 @@ def test_missing_folder_is_named_in_the_error(tmp_path):
   r = _run("triplet_demo_tiny.flags", tmp_path / "w", "--data=folder",
            f"--data_path={tmp_path / 'nowhere'}")
   assert r.returncode == 2 and str(tmp_path / "nowhere") in r.stderr
+
+
+@pytest.mark.parametrize("flagfile,data", [
+    ("triplet_signals_1d_tiny.flags", "48 train images of 8 identities, 24 held-out images of "
+                                      "4 identities, image (64, 1)"),
+    ("triplet_volumes_3d_tiny.flags", "32 train images of 8 identities, 16 held-out images of "
+                                      "4 identities, image (12, 12, 12, 1)"),
+])
+def test_signal_and_volume_tiny_configs_train_and_evaluate(tmp_path, flagfile, data):
+  r = _run(flagfile, tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert data in r.stdout
+  m = json.load(open(tmp_path / "metrics.json"))
+  assert m["eval/num_identities"] == 4
+  assert 0.0 <= m["eval/accuracy"] <= 1.0 and 0.0 <= m["eval/auc"] <= 1.0
+  cfg = json.load(open(tmp_path / "config.json"))
+  assert cfg["spatial_rank"] == (1 if "signals" in flagfile else 3)
+
+
+def test_signals_refuse_time_reversal_before_any_compute(tmp_path):
+  r = _run("triplet_signals_1d_tiny.flags", tmp_path / "w", "--flip")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "--flip=True: flipping a signal reverses time" in r.stderr
+  assert not (tmp_path / "w").exists()

@@ -1,5 +1,8 @@
 """Data: image sources (synthetic, folders, TFDS), P x K sampling, augmentation.
 
+Sources may also hold 1-D signals or 3-D volumes (``synthetic_signals``,
+``synthetic_volumes``); sampling and augmentation work for every rank.
+
 ``from jaxface.data import PKSampler`` works, but each name is imported from its
 submodule on first use, so importing ``jaxface.data`` loads neither JAX, PIL
 nor TFDS. The augmentation functions ``augment`` and ``augment_single`` are
@@ -19,6 +22,8 @@ _EXPORTS = {
     "validate_pk": "source",
     "natural_key": "source",
     "synthetic_faces": "synthetic",
+    "synthetic_signals": "synthetic_nd",
+    "synthetic_volumes": "synthetic_nd",
     "ImageFolderSource": "folder",
     "IMAGE_EXTENSIONS": "folder",
     "TfdsSource": "tfds_source",

@@ -1,5 +1,13 @@
 """Jitted per-image augmentation on device: random crop, flip, brightness, contrast.
 
+Samples of any spatial rank are handled, channels last: images [H, W, C],
+1-D signals [T, C] and 3-D volumes [D, H, W, C]; the rank is the length of
+``crop_size``. Crop, flip (of the last spatial axis), brightness (an offset),
+contrast (an amplitude scale about the per-channel mean) and additive
+Gaussian noise work for every rank; zoom/rotation and random erasing are
+image-only and rejected for other ranks. Flipping a signal reverses time,
+which is rarely label-preserving: the training config rejects it for 1-D.
+
 Everything here is shape-static: crop size and the jitter strengths are Python
 constants (static under jit), so a training loop compiles the augmentation once.
 Each image gets its own key (``jax.random.split(rng, B)``), so ``augment`` on a
@@ -23,56 +31,74 @@ def to_float(images) -> jax.Array:
   return jnp.asarray(images, jnp.float32) / 255.0
 
 
-def _check_crop(image_hw: Sequence[int], crop_size, name: str = "crop_size") -> tuple[int, int]:
+_LAYOUT = {1: "[B, T, C]", 2: "[B, H, W, C]", 3: "[B, D, H, W, C]"}
+
+
+def _crop_rank(crop_size, name: str = "crop_size") -> tuple[int, ...]:
+  """``crop_size`` as a tuple of 1 to 3 ints (its length is the spatial rank)."""
   try:
-    ch, cw = (int(c) for c in crop_size)
+    crop = tuple(int(c) for c in crop_size)
   except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a pair (height, width), got {crop_size!r}") from None
-  h, w = int(image_hw[0]), int(image_hw[1])
-  if not (1 <= ch <= h and 1 <= cw <= w):
-    raise ValueError(f"{name}={(ch, cw)} does not fit in images of size (H, W)={(h, w)}")
-  return ch, cw
+    crop = ()
+  if not 1 <= len(crop) <= 3:
+    raise ValueError(f"{name} must be a pair (height, width), or (T,) for signals or (D, H, W) "
+                     f"for volumes; got {crop_size!r}")
+  return crop
 
 
-def center_crop(images, crop_size: tuple[int, int]):
+def _check_batch(images, rank: int) -> None:
+  if images.ndim != rank + 2:
+    raise ValueError(f"images must be {_LAYOUT[rank]} for a crop_size of {rank} entries, "
+                     f"got shape {tuple(images.shape)}")
+
+
+def _check_crop(image_spatial: Sequence[int], crop_size, name: str = "crop_size") -> tuple[int, ...]:
+  crop = _crop_rank(crop_size, name)
+  spatial = tuple(int(n) for n in image_spatial)
+  if len(spatial) != len(crop) or not all(1 <= c <= n for c, n in zip(crop, spatial)):
+    what = "(H, W)" if len(spatial) == 2 else "spatial size"
+    raise ValueError(f"{name}={crop} does not fit in images of {what}={spatial}")
+  return crop
+
+
+def center_crop(images, crop_size: tuple[int, ...]):
   """Central crop for evaluation (offsets rounded down, as in the random crop's middle).
 
   Args:
-    images: [B, H, W, C] (NumPy or JAX, any dtype).
-    crop_size: (crop_h, crop_w) <= (H, W).
+    images: [B, H, W, C] (or [B, T, C], [B, D, H, W, C]; NumPy or JAX, any dtype).
+    crop_size: (crop_h, crop_w) <= (H, W) (or one entry per spatial axis).
 
   Returns:
     [B, crop_h, crop_w, C], same array type and dtype.
   """
-  if images.ndim != 4:
-    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
-  ch, cw = _check_crop(images.shape[1:3], crop_size)
-  oy = (images.shape[1] - ch) // 2
-  ox = (images.shape[2] - cw) // 2
-  return images[:, oy:oy + ch, ox:ox + cw, :]
+  rank = len(_crop_rank(crop_size))
+  _check_batch(images, rank)
+  crop = _check_crop(images.shape[1:-1], crop_size)
+  window = tuple(slice((n - c) // 2, (n - c) // 2 + c) for n, c in zip(images.shape[1:-1], crop))
+  return images[(slice(None), *window, slice(None))]
 
 
-def crop_at(images: jax.Array, offsets: jax.Array, crop_size: tuple[int, int]) -> jax.Array:
+def crop_at(images: jax.Array, offsets: jax.Array, crop_size: tuple[int, ...]) -> jax.Array:
   """Per-image crops at given offsets.
 
   Args:
-    images: [B, H, W, C].
-    offsets: [B, 2] int32 (top, left) of each crop; clamped by
-      ``lax.dynamic_slice`` so the crop stays inside the image.
-    crop_size: (crop_h, crop_w) <= (H, W).
+    images: [B, H, W, C] (or [B, T, C], [B, D, H, W, C]).
+    offsets: [B, 2] int32 (top, left) of each crop ([B, rank] in general);
+      clamped by ``lax.dynamic_slice`` so the crop stays inside the image.
+    crop_size: (crop_h, crop_w) <= (H, W) (or one entry per spatial axis).
 
   Returns:
     [B, crop_h, crop_w, C], same dtype as images.
   """
-  if images.ndim != 4:
-    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
-  if offsets.shape != (images.shape[0], 2):
-    raise ValueError(f"offsets must be [B, 2] = {(images.shape[0], 2)}, got {offsets.shape}")
-  ch, cw = _check_crop(images.shape[1:3], crop_size)
-  c = images.shape[3]
+  rank = len(_crop_rank(crop_size))
+  _check_batch(images, rank)
+  if offsets.shape != (images.shape[0], rank):
+    raise ValueError(f"offsets must be [B, {rank}] = {(images.shape[0], rank)}, got {offsets.shape}")
+  crop = _check_crop(images.shape[1:-1], crop_size)
+  c = images.shape[-1]
 
   def one(img, off):
-    return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (ch, cw, c))
+    return jax.lax.dynamic_slice(img, (*(off[i] for i in range(rank)), 0), (*crop, c))
 
   return jax.vmap(one)(images, jnp.asarray(offsets, jnp.int32))
 
@@ -81,15 +107,20 @@ def augment_single(
     rng: jax.Array,
     image: jax.Array,
     *,
-    crop_size: tuple[int, int],
+    crop_size: tuple[int, ...],
     flip: bool = True,
     brightness: float = 0.2,
     contrast: float = 0.2,
     scale: float = 0.0,
     rotate: float = 0.0,
     erase: float = 0.0,
+    noise: float = 0.0,
 ) -> jax.Array:
   """Augments one image. [H, W, C] float32 in [0, 1] -> [crop_h, crop_w, C] float32 in [0, 1].
+
+  Signals [T, C] and volumes [D, H, W, C] work the same way (crop, flip of
+  the last spatial axis, brightness, contrast, noise); ``scale``, ``rotate``
+  and ``erase`` are for images only.
 
   Random crop at a uniform offset; with ``scale`` or ``rotate`` the crop is
   resampled (bilinear, edge pixels repeated) through a zoom by
@@ -100,27 +131,37 @@ def augment_single(
   then clip to [0, 1]; finally, with probability ``erase``, random erasing
   (Zhong et al. 2017): a rectangle of 2-25% of the crop with aspect ratio
   1/3..3 is filled with uniform noise, so no single face region decides.
-  A strength of 0 turns that step off.
+  With ``noise`` > 0, Gaussian noise of standard deviation ``noise`` is added
+  to every value before the clip. A strength of 0 turns that step off.
   """
-  if image.ndim != 3:
-    raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
-  h, w, c = image.shape
-  ch, cw = _check_crop((h, w), crop_size)
-  k_y, k_x, k_flip, k_b, k_c = jax.random.split(rng, 5)
-  oy = jax.random.randint(k_y, (), 0, h - ch + 1)
-  ox = jax.random.randint(k_x, (), 0, w - cw + 1)
+  rank = len(_crop_rank(crop_size))
+  if image.ndim != rank + 1:
+    layout = _LAYOUT[rank].replace("B, ", "")
+    raise ValueError(f"image must be {layout}, got shape {image.shape}")
+  if rank != 2 and (scale or rotate or erase):
+    raise ValueError(f"scale, rotate and erase are image (2-D) augmentations; got scale={scale}, "
+                     f"rotate={rotate}, erase={erase} for samples of spatial rank {rank}")
+  spatial, c = image.shape[:-1], image.shape[-1]
+  crop = _check_crop(spatial, crop_size)
+  # For images this is split(rng, 5) -> (k_y, k_x, k_flip, k_b, k_c), as it always was.
+  keys = jax.random.split(rng, rank + 3)
+  k_flip, k_b, k_c = keys[rank:]
+  offsets = [jax.random.randint(keys[i], (), 0, spatial[i] - crop[i] + 1) for i in range(rank)]
   if scale or rotate:
-    out = _affine_crop(jax.random.fold_in(rng, 1), image, oy, ox, (ch, cw), scale, rotate)
+    out = _affine_crop(jax.random.fold_in(rng, 1), image, offsets[0], offsets[1], crop, scale,
+                       rotate)
   else:
-    out = jax.lax.dynamic_slice(image, (oy, ox, 0), (ch, cw, c))
+    out = jax.lax.dynamic_slice(image, (*offsets, 0), (*crop, c))
   if flip:
-    out = jnp.where(jax.random.bernoulli(k_flip), out[:, ::-1, :], out)
+    out = jnp.where(jax.random.bernoulli(k_flip), jnp.flip(out, axis=rank - 1), out)
   if brightness:
     out = out + jax.random.uniform(k_b, (), out.dtype, -brightness, brightness)
   if contrast:
     factor = jax.random.uniform(k_c, (), out.dtype, 1.0 - contrast, 1.0 + contrast)
-    mean = jnp.mean(out, axis=(0, 1), keepdims=True)
+    mean = jnp.mean(out, axis=tuple(range(rank)), keepdims=True)
     out = mean + factor * (out - mean)
+  if noise:
+    out = out + noise * jax.random.normal(jax.random.fold_in(rng, 3), out.shape, out.dtype)
   out = jnp.clip(out, 0.0, 1.0)
   if erase:
     out = _random_erase(jax.random.fold_in(rng, 2), out, erase)
@@ -161,12 +202,13 @@ def _affine_crop(rng, image, oy, ox, crop_hw, scale, rotate):
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size", "flip", "brightness", "contrast",
-                                             "scale", "rotate", "erase"))
-def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast, scale, rotate, erase):
+                                             "scale", "rotate", "erase", "noise"))
+def _augment_jit(rng, images, *, crop_size, flip, brightness, contrast, scale, rotate, erase,
+                 noise):
   keys = jax.random.split(rng, images.shape[0])
   one = functools.partial(augment_single, crop_size=crop_size, flip=flip,
                           brightness=brightness, contrast=contrast, scale=scale, rotate=rotate,
-                          erase=erase)
+                          erase=erase, noise=noise)
   return jax.vmap(one)(keys, images)
 
 
@@ -174,32 +216,36 @@ def augment(
     rng: jax.Array,
     images: jax.Array,
     *,
-    crop_size: tuple[int, int],
+    crop_size: tuple[int, ...],
     flip: bool = True,
     brightness: float = 0.2,
     contrast: float = 0.2,
     scale: float = 0.0,
     rotate: float = 0.0,
     erase: float = 0.0,
+    noise: float = 0.0,
 ) -> jax.Array:
   """Per-image random augmentation of a batch (jitted; see ``augment_single``).
 
   Args:
     rng: PRNG key; image i uses ``jax.random.split(rng, B)[i]``.
-    images: [B, H, W, C] float32 in [0, 1] (see ``to_float``).
-    crop_size: (crop_h, crop_w) <= (H, W).
-    flip: random horizontal flips.
+    images: [B, H, W, C] float32 in [0, 1] (see ``to_float``); or signals
+      [B, T, C], volumes [B, D, H, W, C].
+    crop_size: (crop_h, crop_w) <= (H, W); (T,) or (D, H, W) for signals
+      or volumes: its length is the spatial rank.
+    flip: random flips of the last spatial axis (horizontal for images).
     brightness: max additive brightness change (0 = off).
     contrast: max relative contrast change (0 = off).
     scale: max relative zoom, in [0, 0.5] (0 = off).
     rotate: max rotation in degrees, in [0, 45] (0 = off).
     erase: probability of random erasing, in [0, 1] (0 = off).
+    noise: standard deviation of additive Gaussian noise, in [0, 0.5] (0 = off).
 
   Returns:
-    [B, crop_h, crop_w, C] float32 in [0, 1].
+    [B, crop_h, crop_w, C] float32 in [0, 1] ([B, *crop_size, C] in general).
   """
-  if images.ndim != 4:
-    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  rank = len(_crop_rank(crop_size))
+  _check_batch(images, rank)
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(f"images must be float in [0, 1] (use to_float), got dtype {images.dtype}")
   if not 0.0 <= float(brightness) <= 1.0:
@@ -213,7 +259,13 @@ def augment(
     raise ValueError(f"rotate must be in [0, 45] degrees, got {rotate}")
   if not 0.0 <= float(erase) <= 1.0:
     raise ValueError(f"erase must be a probability in [0, 1], got {erase}")
-  crop = _check_crop(images.shape[1:3], crop_size)
+  if not 0.0 <= float(noise) <= 0.5:
+    raise ValueError(f"noise must be in [0, 0.5], got {noise}")
+  if rank != 2 and (scale or rotate or erase):
+    raise ValueError(f"scale, rotate and erase are image (2-D) augmentations; got scale={scale}, "
+                     f"rotate={rotate}, erase={erase} for samples of spatial rank {rank}")
+  crop = _check_crop(images.shape[1:-1], crop_size)
   return _augment_jit(rng, images, crop_size=crop, flip=bool(flip),
                       brightness=float(brightness), contrast=float(contrast),
-                      scale=float(scale), rotate=float(rotate), erase=float(erase))
+                      scale=float(scale), rotate=float(rotate), erase=float(erase),
+                      noise=float(noise))

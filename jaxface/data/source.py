@@ -35,16 +35,25 @@ def natural_order(names: Sequence[str]) -> np.ndarray:
 class ImageSource:
   """Random-access collection of equally shaped uint8 images with identity labels.
 
+  "Image" means one sample of any spatial rank, channels last: an image
+  (H, W, C), a 1-D signal (T, C) or a 3-D volume (D, H, W, C).
+
   Subclasses set in ``__init__``:
     labels: [N] int32, identity index of each image, in ``[0, num_identities)``.
     identity_names: list of ``num_identities`` names (index -> name).
-    image_shape: (H, W, C) of every image returned by ``get``.
-  and implement ``_get(indices [n] int64) -> [n, H, W, C] uint8``.
+    image_shape: (H, W, C) of every image returned by ``get`` ((T, C) or
+      (D, H, W, C) for signals or volumes).
+  and implement ``_get(indices [n] int64) -> [n, *image_shape] uint8``.
   """
 
   labels: np.ndarray
   identity_names: list[str]
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, ...]
+
+  @property
+  def spatial_rank(self) -> int:
+    """Number of spatial axes of a sample: 1 (signals), 2 (images) or 3 (volumes)."""
+    return len(self.image_shape) - 1
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -64,7 +73,7 @@ class ImageSource:
       indices: [n] integer indices in ``[0, len(self))`` (repeats allowed).
 
     Returns:
-      [n, H, W, C] uint8 with (H, W, C) == ``self.image_shape``.
+      [n, *image_shape] uint8 ([n, H, W, C] for images).
     """
     idx = _check_indices(indices, len(self), "indices")
     out = self._get(idx)
@@ -113,18 +122,30 @@ class ArraySource(ImageSource):
   """An ``ImageSource`` over in-memory arrays.
 
   Args:
-    images: [N, H, W, C] uint8 (or [N, H, W], taken as C = 1).
+    images: [N, H, W, C] uint8 (or [N, H, W], taken as C = 1); with
+      ``spatial_rank`` given, [N, *spatial, C] with that many spatial axes
+      (signals [N, T, C], volumes [N, D, H, W, C]).
     labels: [N] integers in ``[0, len(identity_names))``.
     identity_names: names of the identities; default ``"0", "1", ...`` up to
       ``max(labels)``.
+    spatial_rank: None (images, as above) or 1, 2, 3.
   """
 
-  def __init__(self, images, labels, identity_names: Sequence[str] | None = None):
+  def __init__(self, images, labels, identity_names: Sequence[str] | None = None,
+               spatial_rank: int | None = None):
     images = np.asarray(images)
-    if images.ndim == 3:
-      images = images[..., None]
-    if images.ndim != 4:
-      raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    if spatial_rank is None:
+      if images.ndim == 3:
+        images = images[..., None]
+      if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    else:
+      if spatial_rank not in (1, 2, 3):
+        raise ValueError(f"spatial_rank must be None, 1, 2 or 3, got {spatial_rank!r}")
+      if images.ndim != spatial_rank + 2:
+        layout = {1: "[N, T, C]", 2: "[N, H, W, C]", 3: "[N, D, H, W, C]"}[spatial_rank]
+        raise ValueError(f"images must be {layout} for spatial_rank={spatial_rank}, "
+                         f"got shape {images.shape}")
     if images.dtype != np.uint8:
       raise ValueError(f"images must be uint8, got dtype {images.dtype}")
     lab = np.asarray(labels)

@@ -23,6 +23,7 @@ the model code that consumes the list.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -127,7 +128,7 @@ class Reader:
     shape = tuple(self.uint(f"{what} dimension", limit=1 << 31) for _ in range(4))
     if version == 1:
       return np.zeros((0,), np.float32).reshape(0, 0, 0, 0) if not any(shape) else np.empty(0, np.float32)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: np.prod would wrap (2**31)**4 to 0 in int64
     if 4 * count > self.remaining:  # checked before allocating anything
       raise self.error(f"{what} of shape {shape} needs {4 * count} bytes, {self.remaining} left", start)
     arr = np.frombuffer(self._take(4 * count, what), dtype="<f4").astype(np.float32).reshape(shape)
@@ -249,12 +250,12 @@ def _layer_tail(r: Reader, name: str) -> None:
 def _split(r: Reader, flat: np.ndarray, shapes: list[tuple[str, tuple[int, ...]]], start: int,
            name: str) -> dict[str, np.ndarray]:
   flat = flat.reshape(-1)
-  need = sum(int(np.prod(s)) for _, s in shapes)
+  need = sum(math.prod(s) for _, s in shapes)
   if flat.size != need:
     raise r.error(f"{name}: parameter tensor has {flat.size} values, layer shapes need {need}", start)
   out, i = {}, 0
   for key, shape in shapes:
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     out[key] = flat[i:i + n].reshape(shape).copy()
     i += n
   return out
@@ -293,7 +294,7 @@ def _read_layer(r: Reader) -> Layer:
     attrs["mode"] = r.int(f"{name} mode")  # 0: per-channel (conv), 1: per-element (fc)
     if name == "affine_2":
       attrs["disabled"] = r.bool(f"{name} disabled")
-    c = int(np.prod(gshape))
+    c = math.prod(gshape)
     params = _split(r, flat, [("gamma", (c,)), ("beta", (c,))], p_at, name)
     kind = "affine"
   elif name in ("bn_con2", "bn_fc2", "bn_con", "bn_fc"):
@@ -311,7 +312,7 @@ def _read_layer(r: Reader) -> Layer:
                  "bias learning rate multiplier", "bias weight decay multiplier"):
       r.float(f"{name} {what}")
     attrs["eps"] = r.float(f"{name} eps")
-    c = int(np.prod(gshape))
+    c = math.prod(gshape)
     params = _split(r, flat, [("gamma", (c,)), ("beta", (c,))], p_at, name)
     if running_means.size != c or running_vars.size != c:
       raise r.error(f"{name}: running statistics have {running_means.size}/{running_vars.size} "

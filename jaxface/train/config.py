@@ -2,6 +2,15 @@
 
 A plain frozen dataclass: the absl entry point builds it from flags, the
 library receives it, and checkpoints store it as JSON (``to_dict``).
+
+``spatial_rank`` picks what a sample is: 2 = images [H, W, C] (faces from any
+source), 1 = EKG-like signals [T, C] or 3 = CT-like volumes [D, H, W, C]
+(synthetic sources, ``jaxface.data.synthetic_nd``); ``image_size`` and
+``crop_size`` then have that many entries (T | H,W | D,H,W). Augmentations
+by rank: crop, brightness (a baseline offset), contrast (an amplitude scale)
+and noise apply to every rank; flip mirrors the last spatial axis and is
+refused for signals (reversed time is not the same heartbeat); scale, rotate
+and erase are image-only and refused for other ranks.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from jaxface.models.encoder import EncoderSpec
 
 STRATEGIES = ("all", "all_active", "hard", "semihard")
 DATA_KINDS = ("synthetic", "folder", "tfds")
+SPATIAL_RANKS = {1: "signals T", 2: "images H,W", 3: "volumes D,H,W"}
 
 # Keys a resumed run may change without starting over.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every", "eval_batch_size",
@@ -24,15 +34,16 @@ class TripletConfig:
   """Every setting of ``python -m experiments.triplet`` (flag name = field name)."""
   # --- data
   data: str = "synthetic"                 # synthetic | folder | tfds
+  spatial_rank: int = 2                   # 2: images; 1: signals [T,C], 3: volumes [D,H,W,C] (synthetic)
   data_path: str = ""                     # folder: <root>/<identity>/<images>; $JAXFACE_DATA expands
   tfds_name: str = "lfw"
   tfds_split: str = "train"
   tfds_data_dir: str = ""
   synthetic_identities: int = 96
   synthetic_images: int = 12              # images per synthetic identity
-  image_size: tuple[int, ...] = (64, 64)  # H,W images are resized to when loaded
-  crop_size: tuple[int, ...] = (56, 56)   # H,W random (train) / centre (eval) crop
-  channels: int = 3
+  image_size: tuple[int, ...] = (64, 64)  # H,W images are resized to when loaded (rank 1: T, 3: D,H,W)
+  crop_size: tuple[int, ...] = (56, 56)   # H,W random (train) / centre (eval) crop (rank 1: T, 3: D,H,W)
+  channels: int = 3                       # images: 1 or 3; signals: leads, volumes: modalities (1..12)
   num_holdout: int = 24                   # identities held out for evaluation (last by natural sort)
   holdout_seed: int = -1                  # >= 0: choose held-out identities at random with this seed
   on_bad_image: str = "warn"              # warn (skip and name the file) | raise
@@ -47,6 +58,7 @@ class TripletConfig:
   scale: float = 0.0                      # random zoom, max relative change
   rotate: float = 0.0                     # random rotation, max degrees
   erase: float = 0.0                      # probability of random erasing (a noise rectangle)
+  noise: float = 0.0                      # std of additive Gaussian noise on [0, 1] values
   # --- model
   embedding_dim: int = 128
   stem_width: int = 32
@@ -92,14 +104,36 @@ class TripletConfig:
       bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
     if self.on_bad_image not in ("warn", "raise"):
       bad("on_bad_image", "must be warn or raise")
+    rank = self.spatial_rank
+    if rank not in SPATIAL_RANKS:
+      bad("spatial_rank", "must be 1 (signals), 2 (images) or 3 (volumes)")
+    if rank != 2 and self.data != "synthetic":
+      bad("data", f"--spatial_rank={rank} data comes from --data=synthetic only "
+                  "(folder and tfds hold 2-D images)")
+    what = SPATIAL_RANKS[rank].split()[1]
     for name in ("image_size", "crop_size"):
       v = getattr(self, name)
-      if len(v) != 2 or min(v) < 8:
-        bad(name, "must be H,W with both >= 8")
+      if len(v) != rank or min(v) < 8:
+        bad(name, f"must be {what} ({rank} entries for --spatial_rank={rank}), each >= 8")
+    if rank == 1 and self.image_size[0] < 32:
+      bad("image_size", "synthetic signals need T >= 32")
     if any(c > s for c, s in zip(self.crop_size, self.image_size)):
       bad("crop_size", f"must not exceed --image_size={self.image_size}")
-    if self.channels not in (1, 3):
+    if rank == 2 and self.channels not in (1, 3):
       bad("channels", "must be 1 (grayscale) or 3 (RGB)")
+    if rank != 2 and not 1 <= self.channels <= 12:
+      bad("channels", f"must be 1..12 for {SPATIAL_RANKS[rank].split()[0]}")
+    if rank == 1:
+      for name in ("flip", "eval_flip"):
+        if getattr(self, name):
+          bad(name, f"flipping a signal reverses time, which changes the heartbeat; "
+                    f"pass --no{name} with --spatial_rank=1")
+    if rank != 2:
+      for name in ("scale", "rotate", "erase"):
+        if getattr(self, name):
+          bad(name, f"is an image (2-D) augmentation; set it to 0 with --spatial_rank={rank}")
+    if not (math.isfinite(self.noise) and 0 <= self.noise <= 0.5):
+      bad("noise", "must be in [0, 0.5]")
     if self.P < 2:
       bad("P", "a batch needs at least 2 identities (negatives)")
     if self.K < 2:
@@ -136,8 +170,8 @@ class TripletConfig:
     return self
 
   def encoder_spec(self) -> EncoderSpec:
-    return EncoderSpec(spatial_rank=2, in_channels=self.channels, embedding_dim=self.embedding_dim,
-                       stem_width=self.stem_width, stem_stride=self.stem_stride,
+    return EncoderSpec(spatial_rank=self.spatial_rank, in_channels=self.channels,
+                       embedding_dim=self.embedding_dim, stem_width=self.stem_width, stem_stride=self.stem_stride,
                        widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize,
                        pool=self.pool, input_size=tuple(self.crop_size))
 

@@ -48,8 +48,21 @@ class TrainingError(RuntimeError):
 
 
 def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
-  """Builds the configured image source, ``[N, H, W, C] uint8`` images with labels."""
+  """Builds the configured source: ``[N, H, W, C] uint8`` images with labels.
+
+  With ``cfg.spatial_rank`` 1 or 3 the samples are synthetic signals
+  ``[N, T, C]`` or volumes ``[N, D, H, W, C]``.
+  """
   size = tuple(cfg.image_size)
+  if cfg.data == "synthetic" and cfg.spatial_rank != 2:
+    from jaxface.data import synthetic_nd
+    if cfg.spatial_rank == 1:
+      return synthetic_nd.synthetic_signals(cfg.synthetic_identities, cfg.synthetic_images,
+                                            length=size[0], channels=cfg.channels, seed=cfg.seed)
+    return synthetic_nd.synthetic_volumes(cfg.synthetic_identities, cfg.synthetic_images,
+                                          size=size, channels=cfg.channels, seed=cfg.seed)
+  if cfg.spatial_rank != 2:
+    raise ValueError(f"--spatial_rank={cfg.spatial_rank} needs --data=synthetic, got {cfg.data}")
   if cfg.data == "synthetic":
     from jaxface.data import synthetic
     if size[0] != size[1]:
@@ -130,7 +143,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     cfg: TripletConfig) -> Callable[[State, dict], tuple[State, dict]]:
   """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
-  ``batch`` is ``{"images": [P*K, H, W, C] uint8, "labels": [P*K] int32}``.
+  ``batch`` is ``{"images": [P*K, H, W, C] uint8, "labels": [P*K] int32}``
+  (``[P*K, T, C]`` or ``[P*K, D, H, W, C]`` for signals or volumes).
   The returned function is jitted with the state donated. A step whose loss
   or gradients are not finite leaves the state as it was and records its
   number in ``state["bad_step"]``; the host stops at the next log step, so a
@@ -142,7 +156,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     x = augment_lib.augment(rng, augment_lib.to_float(batch["images"]), crop_size=crop,
                             flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast,
-                            scale=cfg.scale, rotate=cfg.rotate, erase=cfg.erase)
+                            scale=cfg.scale, rotate=cfg.rotate, erase=cfg.erase,
+                            noise=cfg.noise)
 
     def loss_fn(params):
       emb, new_rest = encoder_lib.apply(graphdef, params, state["rest"], x, train=True)
@@ -190,8 +205,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
   """Jitted eval-mode ``embed(params, rest, images [B,H,W,C] uint8) -> [B, D] float32``.
 
+  Images may be signals ``[B, T, C]`` or volumes ``[B, D, H, W, C]`` too.
   With ``cfg.eval_flip`` the embedding is that of the image plus its mirror
-  image (renormalised), the usual test-time augmentation for faces.
+  image (renormalised), the usual test-time augmentation for faces; the
+  mirror is along the last spatial axis (left-right for volumes as well).
   """
   crop = tuple(cfg.crop_size)
 
@@ -202,7 +219,7 @@ def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
     if cfg.eval_flip:
       # A face and its mirror image are the same person: averaging both views
       # removes the left/right bias the encoder learned from one view.
-      flipped, _ = encoder_lib.apply(graphdef, params, rest, x[:, :, ::-1, :], train=False)
+      flipped, _ = encoder_lib.apply(graphdef, params, rest, jnp.flip(x, axis=-2), train=False)
       emb = encoder_lib.l2_normalize(emb + flipped) if cfg.l2_normalize else (emb + flipped) / 2
     return emb
 
@@ -308,6 +325,9 @@ def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
   try:
     saved_cfg = ckpt.restore_config()
     if saved_cfg is not None:
+      # Through the dataclass, so a run saved before a setting existed compares
+      # that setting at its default (which is what the run used).
+      saved_cfg = TripletConfig.from_dict(saved_cfg).to_dict()
       checkpointing.check_resumable(saved_cfg, cfg.to_dict(), may_change=RESUMABLE_CHANGES)
       restored = ckpt.restore(checkpointing.abstract_like(state))
       start, state = restored

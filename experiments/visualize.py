@@ -1,0 +1,53 @@
+r"""What do ConvNet units respond to? Top-9 receptive-field patches per unit, one grid PNG per layer.
+
+  python -m experiments.visualize --flagfile=experiments/configs/visualize_lfw.flags
+  python -m experiments.visualize --network=vgg19 --images=$JAXFACE_DATA/nst/content \
+      --image_size=224,224 --workdir=runs/visualize_vgg19
+  python -m experiments.visualize --network=checkpoint:runs/att_orl --images=$JAXFACE_DATA/faces/att_orl
+
+Every field of ``jaxface.visualize.config.VisualizeConfig`` is a flag. Writes
+``layer{i}_{name}.png`` and ``summary.json`` into ``--workdir``.
+
+Default "layers 1-5" (``--layers`` picks any tap names; a wrong name lists them):
+  dlib:     stem (7x7/2 conv, field 7 px), s1b3 (59 px), s2b4 (179 px), s3b3, s4b3
+            (ends of residual stages 1-4; fields of the last two exceed the 150 px chip)
+  vgg19:    relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+  encoder:  stem, then the last block of each stage (s1b1, s2b1, ...)
+Images are aligned dlib face chips for --network=dlib (--align=auto), otherwise
+resized whole (or --center_crop). Patches are receptive-field crops clipped to
+the image (--noclip pads them to the full field); when clipped, a red square
+marks the unit's own stride-sized cell.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import flagutil
+from jaxface import checkpointing
+from jaxface.visualize import config as config_lib
+
+flagutil.define_flags(config_lib.VisualizeConfig)
+flags.DEFINE_string("workdir", "runs/visualize", "output folder (grid PNGs, summary.json)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  flagutil.tune_cpu_xla()
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO
+  if len(argv) > 1:
+    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+  try:
+    cfg = flagutil.config_from_flags(config_lib.VisualizeConfig).validate()
+  except ValueError as e:
+    flagutil.fail(str(e))
+  from jaxface.visualize import run as run_lib  # heavy imports after the config is known to be valid
+  try:
+    run_lib.run(cfg, FLAGS.workdir, printer=lambda s: print(s, flush=True))
+  except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
+    flagutil.fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main)

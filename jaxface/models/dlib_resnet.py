@@ -1,0 +1,552 @@
+"""dlib's 128-D face embedding ResNet (``dlib_face_recognition_resnet_model_v1``) in Flax NNX.
+
+Architecture (NHWC here; dlib is NCHW, shapes below are H x W x C)::
+
+  chip 150x150x3 uint8 -> (pixel - mean_rgb) / 256          (preprocess)
+  conv 7x7 s2 p0 -> 72x72x32, affine, relu, max pool 3x3 s2 p0 -> 35x35x32
+  stage 32:  3 identity blocks                               35x35
+  stage 64:  down block + 3 identity blocks                  17x17
+  stage 128: down block + 2 identity blocks                  8x8
+  stage 256: down block + 2 identity blocks                  4x4
+  stage 256: down block                                      2x2
+  global average -> 256 -> fc (no bias) -> 128               (not L2-normalized)
+
+A block is conv3x3 -> affine -> relu -> conv3x3 -> affine, plus a shortcut,
+then relu. Identity blocks: shortcut = input, convs stride 1 padding 1. Down
+blocks: first conv stride 2 padding 0; shortcut = 2x2 stride-2 average pool of
+the block input, and the sum zero-fills to the larger shape (more channels,
+and at stage 256 a 3x3 conv output added into the top-left of the 4x4 pooled
+shortcut) - no projection conv. "affine" is dlib's batch norm folded into a
+per-channel scale and shift; here it is a trainable ``scale``/``bias`` pair so
+the network can be fine-tuned (there are no batch statistics, so ``train``
+changes nothing in the forward pass).
+
+Precision: parity with dlib (max abs difference <= 1e-5 on descriptors) needs
+true float32 arithmetic in every conv and matmul. On CPU, XLA computes float32
+convolutions in float32 whatever the precision setting (measured: same
+4e-7 error and speed with DEFAULT and HIGHEST). On GPU (Ampere and later)
+JAX's DEFAULT precision runs float32 convs/matmuls in TF32, and on TPU in
+bfloat16 passes (spec: TF32 2.6e-4, bf16 2.2e-3 max abs error). Measured on an
+H200 (jax 0.11.2): HIGHEST 4.2e-7, HIGH and DEFAULT 2.9e-4 (fails parity);
+throughput at batch 256 about 22,000 chips/s with HIGHEST vs 39,000 with
+DEFAULT. This module therefore passes ``precision=jax.lax.Precision.HIGHEST``
+to every conv and dot (spec field ``precision="highest"``, the default), which
+forces full float32 on GPU (no TF32) and 6-pass bf16 emulation on TPU. With
+``precision="default"`` the ops pass no precision, so the global setting
+applies: ``jax.default_matmul_precision("highest")`` (context manager) or
+``JAX_DEFAULT_MATMUL_PRECISION=highest`` restores parity there; without it
+expect ~3e-4 (TF32) to ~2e-3 (bf16) descriptor error, acceptable for
+fine-tuning on an accelerator but not for parity tests.
+
+Run it functionally, like :mod:`jaxface.models.encoder`::
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  emb, rest = apply(graphdef, params, rest, preprocess(chips), train=False)
+
+or use :class:`FaceEncoder` (``jaxface.pretrained.face_encoder()``) for
+batched, jitted inference from uint8 chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxface.formats import dlib as dlib_format
+
+# Version of :func:`convert`'s output layout (part of the cache key).
+CONVERTER_VERSION = "1"
+
+# dlib stores the means as float32; these are those float32 values, written exactly.
+DLIB_MEAN_RGB = (122.78199768066406, 117.0009994506836, 104.2979965209961)
+
+# "default" passes no precision, so jax.default_matmul_precision(...) decides.
+_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+               "default": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class DlibResNetSpec:
+  """Architecture of dlib's embedding ResNet; JSON-friendly, saved with checkpoints.
+
+  Attributes:
+    input_size: chip side in pixels the weights were trained for (150).
+    mean_rgb: per-channel means subtracted before dividing by 256.
+    stem_width: channels of the 7x7 stride-2 stem convolution.
+    stem_kernel: stem kernel size.
+    widths: channels per stage.
+    depths: residual blocks per stage; every stage after the first starts
+      with a down block (stride 2, pooled zero-filled shortcut).
+    embedding_dim: output size of the final (bias-free) fully connected layer.
+    l2_normalize: project embeddings onto the unit sphere (dlib does not; off
+      for parity, optional for triplet fine-tuning).
+    precision: "highest" (float32 everywhere, needed for parity on GPU/TPU),
+      "high" or "default" (TF32/bf16 on accelerators: faster, ~1e-3 error).
+  """
+  input_size: int = 150
+  mean_rgb: tuple[float, float, float] = DLIB_MEAN_RGB
+  stem_width: int = 32
+  stem_kernel: int = 7
+  widths: tuple[int, ...] = (32, 64, 128, 256, 256)
+  depths: tuple[int, ...] = (3, 4, 3, 3, 1)
+  embedding_dim: int = 128
+  l2_normalize: bool = False
+  precision: str = "highest"
+
+  def __post_init__(self):
+    if len(self.widths) != len(self.depths) or not self.widths:
+      raise ValueError(f"widths {self.widths} and depths {self.depths} must be non-empty and "
+                       f"of equal length")
+    if min(self.widths) < 1 or min(self.depths) < 1:
+      raise ValueError(f"widths and depths must be >= 1, got {self.widths}, {self.depths}")
+    for name in ("input_size", "stem_width", "stem_kernel", "embedding_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if len(self.mean_rgb) != 3:
+      raise ValueError(f"mean_rgb must have 3 values, got {self.mean_rgb}")
+    if self.precision not in _PRECISIONS:
+      raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "DlibResNetSpec":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown DlibResNetSpec fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+  def feature_size(self, size: int) -> int:
+    """Side of the last feature map for an input of side ``size`` (0: too small)."""
+    s = (size - self.stem_kernel) // 2 + 1 if size >= self.stem_kernel else 0
+    s = (s - 3) // 2 + 1 if s >= 3 else 0  # max pool 3x3 s2
+    for _ in self.widths[1:]:
+      # down block: conv 3x3 s2 p0 and pool 2x2 s2; zero-filled sum takes the larger.
+      conv = (s - 3) // 2 + 1 if s >= 3 else 0
+      pool = s // 2
+      s = max(conv, pool) if conv >= 1 else 0
+    return s
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(chips: jax.Array | np.ndarray,
+               mean_rgb: tuple[float, float, float] = DLIB_MEAN_RGB) -> jax.Array:
+  """dlib's input scaling: ``[N, H, W, 3] uint8`` RGB -> ``[N, H, W, 3] float32`` (p - mean) / 256.
+
+  The division is by 256, not 255 (dlib's convention; /255 costs 3.5e-4 on
+  the descriptors). Exact in float32.
+  """
+  if chips.dtype != np.uint8:
+    raise ValueError(f"chips must be uint8 RGB, got dtype {chips.dtype}")
+  if chips.ndim != 4 or chips.shape[-1] != 3:
+    raise ValueError(f"chips must be [N, H, W, 3], got shape {tuple(chips.shape)}")
+  mean = jnp.asarray(mean_rgb, jnp.float32)
+  return (jnp.asarray(chips).astype(jnp.float32) - mean) * jnp.float32(1 / 256)
+
+
+def preprocess_unit(images: jax.Array, mean_rgb: tuple[float, float, float] = DLIB_MEAN_RGB) -> jax.Array:
+  """``[N, H, W, 3]`` float RGB in [0, 1] (the training pipeline's images) -> network input."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be [N, H, W, 3], got shape {tuple(images.shape)}")
+  mean = jnp.asarray(mean_rgb, jnp.float32)
+  return (images.astype(jnp.float32) * 255.0 - mean) * jnp.float32(1 / 256)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Conv(nnx.Module):
+  """dlib's ``con`` layer: square kernel, symmetric zero padding, bias. NHWC, kernel HWIO."""
+
+  def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int,
+               precision: str, *, rngs: nnx.Rngs):
+    init = nnx.initializers.he_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, in_ch, out_ch), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
+    self.stride = stride
+    self.padding = padding
+    self.precision = precision
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        x, self.kernel[...], window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_PRECISIONS[self.precision])
+    return y + self.bias[...]
+
+
+class Affine(nnx.Module):
+  """dlib's ``affine`` layer (folded batch norm): ``x * scale + bias`` per channel."""
+
+  def __init__(self, channels: int):
+    self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.scale[...] + self.bias[...]
+
+
+def _zero_fill_add(a: jax.Array, b: jax.Array) -> jax.Array:
+  """dlib's add_prev: sum over the larger shape, each operand zero-filled at the end of each axis."""
+  shape = tuple(max(u, v) for u, v in zip(a.shape, b.shape))
+  def pad(t):
+    return jnp.pad(t, [(0, n - m) for n, m in zip(shape, t.shape)]) if t.shape != shape else t
+  return pad(a) + pad(b)
+
+
+def _avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 average pool, no padding: ``[N, H, W, C] -> [N, H//2, W//2, C]``."""
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  return jnp.sum(x, axis=(2, 4)) * jnp.float32(0.25)
+
+
+def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
+
+
+class Block(nnx.Module):
+  """Residual block; ``down`` = stride-2 first conv and pooled, zero-filled shortcut."""
+
+  def __init__(self, in_ch: int, out_ch: int, down: bool, precision: str, *, rngs: nnx.Rngs):
+    self.down = down
+    self.conv1 = Conv(in_ch, out_ch, 3, 2 if down else 1, 0 if down else 1, precision, rngs=rngs)
+    self.affine1: Affine | None = Affine(out_ch)
+    self.conv2 = Conv(out_ch, out_ch, 3, 1, 1, precision, rngs=rngs)
+    self.affine2: Affine | None = Affine(out_ch)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv1(x)
+    if self.affine1 is not None:  # None once folded into the conv (inference copy)
+      y = self.affine1(y)
+    y = self.conv2(jax.nn.relu(y))
+    if self.affine2 is not None:
+      y = self.affine2(y)
+    shortcut = _avg_pool_2x2(x) if self.down else x
+    return jax.nn.relu(_zero_fill_add(y, shortcut) if self.down else y + shortcut)
+
+
+class DlibResNet(nnx.Module):
+  """dlib's face embedding ResNet: ``[N, H, W, 3]`` -> ``[N, 128] float32``.
+
+  Input: float32 from :func:`preprocess` (or uint8 chips, preprocessed here).
+  150x150 chips reproduce dlib; other sizes run (global average pool) as long
+  as :meth:`DlibResNetSpec.feature_size` is >= 1.
+  """
+
+  def __init__(self, spec: DlibResNetSpec = DlibResNetSpec(), *, rngs: nnx.Rngs):
+    self.spec = spec
+    p = spec.precision
+    self.stem = Conv(3, spec.stem_width, spec.stem_kernel, 2, 0, p, rngs=rngs)
+    self.stem_affine: Affine | None = Affine(spec.stem_width)
+    blocks = []
+    in_ch = spec.stem_width
+    for stage, (width, depth) in enumerate(zip(spec.widths, spec.depths)):
+      for i in range(depth):
+        blocks.append(Block(in_ch, width, stage > 0 and i == 0, p, rngs=rngs))
+        in_ch = width
+    self.blocks = nnx.List(blocks)
+    self.fc = nnx.Param(nnx.initializers.lecun_normal()(
+        rngs.params(), (in_ch, spec.embedding_dim), jnp.float32))
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Embeds a batch.
+
+    Args:
+      x: ``[N, H, W, 3]`` float32 (from :func:`preprocess`) or uint8 RGB.
+      train: accepted for the encoder API; the network has no batch
+        statistics or dropout, so it changes nothing.
+
+    Returns:
+      ``[N, embedding_dim]`` float32 descriptors (unit-norm only when
+      ``spec.l2_normalize``).
+    """
+    del train
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"input must be [N, H, W, 3], got shape {tuple(x.shape)}")
+    if min(self.spec.feature_size(x.shape[1]), self.spec.feature_size(x.shape[2])) < 1:
+      raise ValueError(f"input of {x.shape[1]}x{x.shape[2]} pixels is too small for this network")
+    if x.dtype == jnp.uint8:
+      x = preprocess(x, self.spec.mean_rgb)
+    elif x.dtype != jnp.float32:
+      raise ValueError(f"input must be float32 (preprocessed) or uint8, got {x.dtype}")
+    x = self.stem(x)
+    if self.stem_affine is not None:
+      x = self.stem_affine(x)
+    x = _max_pool_3x3_s2(jax.nn.relu(x))
+    for block in self.blocks:
+      x = block(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.dot(x, self.fc[...], precision=_PRECISIONS[self.spec.precision])
+    if self.spec.l2_normalize:
+      x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    return x
+
+
+def build_dlib_resnet(spec: DlibResNetSpec = DlibResNetSpec(), seed: int = 0) -> DlibResNet:
+  """A randomly initialised :class:`DlibResNet` (for training from scratch or as a restore target)."""
+  return DlibResNet(spec, rngs=nnx.Rngs(seed))
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.Array,
+          train: bool = False) -> tuple[jax.Array, nnx.State]:
+  """Pure application of a split :class:`DlibResNet`; same signature as ``encoder.apply``.
+
+  Args:
+    graphdef, params, rest: from ``nnx.split(model, nnx.Param, ...)``.
+    x: ``[N, H, W, 3]`` float32 from :func:`preprocess` (or uint8 chips).
+    train: accepted for API compatibility; no effect.
+
+  Returns:
+    (``[N, 128]`` float32 descriptors, ``rest`` unchanged: no batch statistics).
+  """
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  emb = model(x, train=train)
+  _, _, new_rest = nnx.split(model, nnx.Param, ...)
+  return emb, new_rest
+
+
+def fold_affine(model: DlibResNet) -> DlibResNet:
+  """Copy of ``model`` with every affine layer folded into the conv before it (inference).
+
+  conv(x, W) * s + t == conv(x, W * s) + (b * s + t) up to float32 rounding;
+  the folded copy saves one elementwise pass per conv.
+  """
+  model = nnx.clone(model)
+
+  def fold(conv: Conv, affine: Affine) -> None:
+    s, t = np.asarray(affine.scale[...]), np.asarray(affine.bias[...])
+    conv.kernel[...] = jnp.asarray(np.asarray(conv.kernel[...]) * s)
+    conv.bias[...] = jnp.asarray(np.asarray(conv.bias[...]) * s + t)
+
+  if model.stem_affine is not None:
+    fold(model.stem, model.stem_affine)
+    model.stem_affine = None
+  for block in model.blocks:
+    if block.affine1 is not None:
+      fold(block.conv1, block.affine1)
+      block.affine1 = None
+    if block.affine2 is not None:
+      fold(block.conv2, block.affine2)
+      block.affine2 = None
+  return model
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert(path: str) -> dict[str, Any]:
+  """Parses dlib's ``.dat`` file -> ``{"spec": dict, "params": pure dict in this module's layout}``.
+
+  Checks the layer sequence against the architecture above (strides,
+  paddings, pool sizes, channel counts), so a different dlib network is
+  refused with a :class:`~jaxface.formats.dlib.DlibFormatError` naming the
+  layer's byte offset rather than computing something else.
+  """
+  net = dlib_format.read_network(path, expect_loss=("loss_metric_", "loss_metric_2"))
+  if net.input != "input_rgb_image_sized":
+    raise dlib_format.DlibFormatError(path, 0, f"expected input_rgb_image_sized, found {net.input}")
+  rows, cols = net.input_attrs["rows"], net.input_attrs["cols"]
+  if rows != cols:
+    raise dlib_format.DlibFormatError(path, 0, f"non-square input {rows}x{cols} is not supported")
+  layers = list(net.layers)
+  pos = 0
+
+  def take(kind: str, **want) -> dlib_format.Layer:
+    nonlocal pos
+    if pos >= len(layers):
+      raise dlib_format.DlibFormatError(path, 0, f"network ends where a {kind} layer was expected")
+    layer = layers[pos]
+    if layer.kind != kind:
+      raise dlib_format.DlibFormatError(
+          path, layer.offset, f"layer {pos}: expected {kind}, found {layer.name} "
+          f"(not dlib's face embedding ResNet)")
+    for key, value in want.items():
+      if tuple(layer.attrs.get(key, ())) != value:
+        raise dlib_format.DlibFormatError(
+            path, layer.offset, f"layer {pos} ({layer.name}): {key} {layer.attrs.get(key)}, "
+            f"expected {value}")
+    pos += 1
+    return layer
+
+  def peek() -> str | None:
+    return layers[pos].kind if pos < len(layers) else None
+
+  def conv_params(layer: dlib_format.Layer, in_ch: int | None) -> dict[str, np.ndarray]:
+    f = layer.params["filters"]  # [O, I, kh, kw]
+    if in_ch is not None and f.shape[1] != in_ch:
+      raise dlib_format.DlibFormatError(
+          path, layer.offset, f"conv has {f.shape[1]} input channels, previous layer gives {in_ch}")
+    return {"kernel": np.ascontiguousarray(f.transpose(2, 3, 1, 0)), "bias": layer.params["bias"]}
+
+  def affine_params(layer: dlib_format.Layer, ch: int) -> dict[str, np.ndarray]:
+    if layer.params["gamma"].shape != (ch,) or layer.attrs.get("mode") != 0:
+      raise dlib_format.DlibFormatError(path, layer.offset,
+                                        f"expected a per-channel affine layer over {ch} channels")
+    return {"scale": layer.params["gamma"], "bias": layer.params["beta"]}
+
+  stem = take("con", stride=(2, 2), padding=(0, 0))
+  kernel = stem.params["filters"].shape[2]
+  stem_p = conv_params(stem, 3)
+  width = stem_p["bias"].shape[0]
+  stem_a = affine_params(take("affine"), width)
+  take("relu")
+  take("max_pool", window=(3, 3), stride=(2, 2), padding=(0, 0))
+  blocks, widths, depths = [], [], []
+  in_ch = width
+  while peek() == "con":
+    c1 = take("con")
+    down = tuple(c1.attrs["stride"]) == (2, 2)
+    want = ((2, 2), (0, 0)) if down else ((1, 1), (1, 1))
+    if (tuple(c1.attrs["stride"]), tuple(c1.attrs["padding"])) != want or \
+        c1.params["filters"].shape[2:] != (3, 3):
+      raise dlib_format.DlibFormatError(
+          path, c1.offset, f"block conv: stride {c1.attrs['stride']} padding {c1.attrs['padding']} "
+          f"kernel {c1.params['filters'].shape[2:]} does not fit dlib's ResNet blocks")
+    p1 = conv_params(c1, in_ch)
+    out = p1["bias"].shape[0]
+    if not down and out != in_ch:
+      raise dlib_format.DlibFormatError(path, c1.offset,
+                                        f"identity block changes channels {in_ch} -> {out}")
+    a1 = affine_params(take("affine"), out)
+    take("relu")
+    p2 = conv_params(take("con", stride=(1, 1), padding=(1, 1)), out)
+    a2 = affine_params(take("affine"), out)
+    if down:
+      take("avg_pool", window=(2, 2), stride=(2, 2), padding=(0, 0))
+    take("add_prev")
+    take("relu")
+    if down or not widths:
+      widths.append(out)
+      depths.append(0)
+    if not blocks and down:
+      raise dlib_format.DlibFormatError(path, c1.offset, "the first block must not be a down block")
+    depths[-1] += 1
+    blocks.append({"conv1": p1, "affine1": a1, "conv2": p2, "affine2": a2})
+    in_ch = out
+  take("avg_pool", window=(0, 0))
+  fc = take("fc")
+  weights = fc.params["weights"]
+  if "bias" in fc.params or weights.shape[0] != in_ch:
+    raise dlib_format.DlibFormatError(
+        path, fc.offset, f"expected a bias-free fc over {in_ch} inputs, found weights "
+        f"{weights.shape}{' and a bias' if 'bias' in fc.params else ''}")
+  if pos != len(layers):
+    raise dlib_format.DlibFormatError(path, layers[pos].offset,
+                                      f"unexpected layer {layers[pos].name} after the fc layer")
+  spec = DlibResNetSpec(input_size=int(rows), mean_rgb=tuple(float(m) for m in net.input_attrs["mean_rgb"]),
+                        stem_width=int(width), stem_kernel=int(kernel), widths=tuple(widths),
+                        depths=tuple(depths), embedding_dim=int(weights.shape[1]))
+  params = {"stem": stem_p, "stem_affine": stem_a, "blocks": blocks, "fc": weights}
+  return {"spec": spec.to_dict(), "params": params}
+
+
+def _to_state_dict(tree: Any) -> Any:
+  """Lists -> int-keyed dicts (how NNX pure dicts spell ``nnx.List``)."""
+  if isinstance(tree, dict):
+    return {k: _to_state_dict(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return {i: _to_state_dict(v) for i, v in enumerate(tree)}
+  return tree
+
+
+def from_converted(tree: dict[str, Any], spec_overrides: dict[str, Any] | None = None) -> DlibResNet:
+  """Builds a :class:`DlibResNet` from :func:`convert`'s output (no random init work).
+
+  Args:
+    tree: ``{"spec": ..., "params": ...}`` from :func:`convert` (or the cache).
+    spec_overrides: fields to change that do not affect parameter shapes,
+      e.g. ``{"l2_normalize": True, "precision": "default"}``.
+  """
+  spec = DlibResNetSpec.from_dict({**tree["spec"], **(spec_overrides or {})})
+  abstract = nnx.eval_shape(lambda: DlibResNet(spec, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  pure = _to_state_dict(tree["params"])
+  expected = {jax.tree_util.keystr(k): v.shape for k, v in
+              jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+  given = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(pure)}
+  if expected != given:
+    diff = sorted(set(expected.items()) ^ set(given.items()))[:5]
+    raise ValueError(f"converted weights do not fit DlibResNet{spec}: differences {diff}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))
+  return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------- inference wrapper
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _infer(graphdef: nnx.GraphDef, state: nnx.State, chips: jax.Array) -> jax.Array:
+  # Module level and keyed on the (hashable) graphdef: every FaceEncoder of the
+  # same architecture shares the compiled programs.
+  net = nnx.merge(graphdef, state)
+  return net(preprocess(chips, net.spec.mean_rgb))
+
+
+class FaceEncoder:
+  """Batched, jitted dlib descriptors: ``enc(chips [N, 150, 150, 3] uint8) -> [N, 128] float32``.
+
+  Batches are padded up to a power-of-two bucket (at most ``max_batch``;
+  larger inputs run in chunks of ``max_batch``) so any N reuses one of a few
+  compiled programs. ``max_batch`` defaults to 32 on CPU (measured on 2 cores:
+  chunks of 16-32 gave ~15% more chips per CPU-second than 64 or 256) and 256
+  on accelerators (H200: 22,000 chips/s at 256 vs 13,000 at 64).
+
+  For fine-tuning, ``graphdef, params, rest`` are the unfolded split of the
+  model (``apply(graphdef, params, rest, preprocess(chips))``) and ``spec``
+  the :class:`DlibResNetSpec` that rebuilds it.
+  """
+
+  def __init__(self, model: DlibResNet, *, fold: bool = True, max_batch: int | None = None):
+    if max_batch is None:
+      max_batch = 32 if jax.default_backend() == "cpu" else 256
+    if max_batch < 1 or max_batch & (max_batch - 1):
+      raise ValueError(f"max_batch must be a power of two >= 1, got {max_batch}")
+    self.spec: DlibResNetSpec = model.spec
+    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.max_batch = max_batch
+    infer_model = fold_affine(model) if fold else model
+    self._infer_graphdef, self._infer_state = nnx.split(infer_model)
+
+  @classmethod
+  def from_converted(cls, tree: dict[str, Any], *, fold_affine: bool = True,
+                     max_batch: int | None = None) -> "FaceEncoder":
+    return cls(from_converted(tree), fold=fold_affine, max_batch=max_batch)
+
+  def _bucket(self, n: int) -> int:
+    return min(self.max_batch, 1 << max(0, math.ceil(math.log2(n))))
+
+  def __call__(self, chips: np.ndarray | jax.Array) -> np.ndarray:
+    """``[N, S, S, 3] uint8`` RGB chips (S = spec.input_size) -> ``[N, 128] float32`` numpy."""
+    size = self.spec.input_size
+    if not hasattr(chips, "dtype") or not hasattr(chips, "shape"):
+      chips = np.asarray(chips)
+    if chips.ndim != 4 or tuple(chips.shape[1:]) != (size, size, 3):
+      raise ValueError(f"chips must be [N, {size}, {size}, 3], got shape {tuple(chips.shape)}")
+    if chips.dtype != np.uint8:
+      raise ValueError(f"chips must be uint8 RGB, got dtype {chips.dtype}")
+    n = int(chips.shape[0])
+    out = np.empty((n, self.spec.embedding_dim), np.float32)
+    start = 0
+    while start < n:
+      stop = min(n, start + self.max_batch)
+      part = np.asarray(chips[start:stop])
+      bucket = self._bucket(stop - start)
+      if part.shape[0] < bucket:  # zero chips fill the bucket; their rows are dropped
+        part = np.concatenate([part, np.zeros((bucket - part.shape[0],) + part.shape[1:], np.uint8)])
+      emb = _infer(self._infer_graphdef, self._infer_state, part)
+      out[start:stop] = np.asarray(emb)[:stop - start]
+      start = stop
+    return out
