@@ -1,0 +1,193 @@
+"""VGG19 feature extractor (Flax NNX, NHWC) for neural style transfer.
+
+The 16 convolutions are named as in the papers and in every weight file
+(``conv1_1`` .. ``conv5_4``); ``__call__`` returns the named activations
+``conv*_*``, ``relu*_*`` and ``pool*`` up to a requested layer, so the style
+code asks for "relu4_2" and never counts layers. There are no fully connected
+layers: style transfer uses only the convolutional trunk.
+
+Run it functionally, as the style transfer code does::
+
+  graphdef, params = nnx.split(model)
+  feats = features(graphdef, params, x, "relu5_1")   # pure, jittable
+
+Weights come from ``jaxface.weights.load_vgg19`` as a ``VGGWeights`` (see
+``set_weights``); each file format needs its own input preprocessing
+(``preprocess``), carried with the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxface.formats.vgg_weights import CAFFE  # noqa: F401  (re-exported)
+from jaxface.formats.vgg_weights import CONV_NAMES
+from jaxface.formats.vgg_weights import TORCH  # noqa: F401  (re-exported)
+from jaxface.formats.vgg_weights import Preprocessing
+
+BLOCK_DEPTHS = (2, 2, 4, 4, 4)
+BLOCK_WIDTHS = (64, 128, 256, 512, 512)
+POOLINGS = ("max", "avg")
+
+
+def _layer_names() -> tuple[str, ...]:
+  names = []
+  for b, n in enumerate(BLOCK_DEPTHS, start=1):
+    for i in range(1, n + 1):
+      names += [f"conv{b}_{i}", f"relu{b}_{i}"]
+    names.append(f"pool{b}")
+  return tuple(names)
+
+
+# Every layer __call__ can return, in network order.
+LAYER_NAMES = _layer_names()
+
+
+def layer_index(name: str) -> int:
+  """Position of ``name`` in LAYER_NAMES; ValueError naming the valid names otherwise."""
+  try:
+    return LAYER_NAMES.index(name)
+  except ValueError:
+    raise ValueError(f"unknown VGG19 layer {name!r}; valid layers: {', '.join(LAYER_NAMES)}") from None
+
+
+def downsampling(name: str) -> int:
+  """Spatial reduction factor of layer ``name`` (1 for block 1, 2**k after k pools)."""
+  idx = layer_index(name)
+  return 2 ** sum(1 for n in LAYER_NAMES[: idx + 1] if n.startswith("pool"))
+
+
+def deepest(names) -> str:
+  """The layer of ``names`` that comes last in the network."""
+  return max(names, key=layer_index)
+
+
+class VGG19(nnx.Module):
+  """VGG19 convolutional trunk: ``[B, H, W, 3] float32 -> {layer: [B, h, w, C] float32}``.
+
+  Args:
+    pooling: "max" (the trained network) or "avg" (Gatys et al.: smoother
+      gradients, often nicer textures).
+    rngs: initialises the random weights (He-normal kernels so that activations
+      keep their scale through 16 ReLU layers, zero biases). Random weights
+      expect TORCH preprocessing.
+  """
+
+  def __init__(self, *, pooling: str = "max", rngs: nnx.Rngs):
+    if pooling not in POOLINGS:
+      raise ValueError(f"pooling={pooling!r}: must be one of {', '.join(POOLINGS)}")
+    self.pooling = pooling
+    cin = 3
+    init = _he_normal
+    for b, (depth, width) in enumerate(zip(BLOCK_DEPTHS, BLOCK_WIDTHS), start=1):
+      for i in range(1, depth + 1):
+        setattr(self, f"conv{b}_{i}", nnx.Conv(cin, width, (3, 3), padding="SAME",
+                                               kernel_init=init, rngs=rngs))
+        cin = width
+
+  def __call__(self, x: jax.Array, last_layer: str = "relu5_4") -> dict[str, jax.Array]:
+    """Named activations from ``conv1_1`` up to and including ``last_layer``.
+
+    Args:
+      x: ``[B, H, W, 3] float32``, already preprocessed (``preprocess``).
+      last_layer: a name of LAYER_NAMES; later layers are not computed.
+
+    Returns:
+      dict layer name -> ``[B, H / 2**k, W / 2**k, C] float32`` (k pools so
+      far; odd sizes are floored, as in Caffe and PyTorch).
+    """
+    stop = layer_index(last_layer)
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"x: expected [B, H, W, 3], got shape {x.shape}")
+    out = {}
+    for name in LAYER_NAMES[: stop + 1]:
+      if name.startswith("conv"):
+        x = getattr(self, name)(x)
+      elif name.startswith("relu"):
+        x = jax.nn.relu(x)
+      else:
+        x = _pool2x2(x, self.pooling)
+      out[name] = x
+    return out
+
+
+def _he_normal(key, shape, dtype=jnp.float32):
+  """He-normal kernel ``[3, 3, Cin, Cout]`` (std sqrt(2 / fan_in)).
+
+  Drawn with NumPy from the key's bits when called eagerly: 20M eager JAX
+  normals take tens of seconds on a small CPU, NumPy well under one.
+  """
+  std = np.sqrt(2.0 / np.prod(shape[:-1]))
+  if isinstance(key, jax.core.Tracer):  # under jit / eval_shape
+    return std * jax.random.normal(key, shape, dtype)
+  bits = np.asarray(jax.random.key_data(key)).ravel()
+  rng = np.random.default_rng([int(b) for b in bits])
+  return jnp.asarray(rng.standard_normal(shape, np.float32) * np.float32(std), dtype)
+
+
+def _pool2x2(x: jax.Array, kind: str) -> jax.Array:
+  # Reshape-and-reduce instead of reduce_window: same result for 2x2/stride 2,
+  # and its gradient avoids select-and-scatter, which is slow on CPU.
+  b, h, w, c = x.shape
+  if h < 2 or w < 2:
+    raise ValueError(f"cannot pool a {h}x{w} feature map; the input image is too small")
+  x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
+
+
+def build_vgg19(*, pooling: str = "max", seed: int = 0, weights=None) -> VGG19:
+  """A VGG19 with random weights from ``seed``, or with ``weights`` (a VGGWeights) set."""
+  model = VGG19(pooling=pooling, rngs=nnx.Rngs(seed))
+  if weights is not None:
+    set_weights(model, weights)
+  return model
+
+
+def set_weights(model: VGG19, weights) -> None:
+  """Copies ``weights.params`` (name -> (kernel [3,3,Cin,Cout] HWIO, bias [Cout])) into ``model``.
+
+  Raises:
+    ValueError: naming a missing layer or a kernel/bias of the wrong shape,
+      before anything is changed.
+  """
+  params = weights.params
+  missing = [n for n in CONV_NAMES if n not in params]
+  if missing:
+    raise ValueError(f"weights ({getattr(weights, 'source', '?')}) lack layers {missing}")
+  for name in CONV_NAMES:
+    conv = getattr(model, name)
+    kernel, bias = params[name]
+    if tuple(np.shape(kernel)) != conv.kernel.shape or tuple(np.shape(bias)) != conv.bias.shape:
+      raise ValueError(
+          f"weights {name}: kernel {np.shape(kernel)} / bias {np.shape(bias)}, expected "
+          f"{conv.kernel.shape} / {conv.bias.shape} (HWIO)")
+  for name in CONV_NAMES:
+    conv = getattr(model, name)
+    kernel, bias = params[name]
+    conv.kernel[...] = jnp.asarray(kernel, jnp.float32)
+    conv.bias[...] = jnp.asarray(bias, jnp.float32)
+
+
+def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array,
+             last_layer: str) -> dict[str, jax.Array]:
+  """Pure form of ``VGG19.__call__`` on ``nnx.split(model)``."""
+  return nnx.merge(graphdef, params)(x, last_layer)
+
+
+def preprocess(images: jax.Array, prep: Preprocessing) -> jax.Array:
+  """``[B, H, W, 3] float32`` RGB in [0, 1] -> the network's input ``[B, H, W, 3] float32``."""
+  x = images * prep.scale
+  if prep.channel_order == "BGR":
+    x = x[..., ::-1]
+  return (x - jnp.asarray(prep.mean, x.dtype)) / jnp.asarray(prep.std, x.dtype)
+
+
+def deprocess(x: jax.Array, prep: Preprocessing) -> jax.Array:
+  """Inverse of ``preprocess``: network input -> RGB ``[B, H, W, 3] float32`` (not clipped)."""
+  x = x * jnp.asarray(prep.std, x.dtype) + jnp.asarray(prep.mean, x.dtype)
+  if prep.channel_order == "BGR":
+    x = x[..., ::-1]
+  return x / prep.scale
