@@ -1,0 +1,249 @@
+"""Which network turns a face into an embedding, and the image -> faces -> embeddings rules.
+
+Two encoders share one interface (:class:`FaceEmbedder`):
+
+* ``"dlib"`` (default): dlib's pretrained pipeline through :mod:`jaxface.faces`
+  (MMOD detector -> 5-point landmarks -> 150x150 aligned chip -> ResNet),
+  128-D descriptors, not L2-normalized (same person when distance <= 0.6).
+* ``"checkpoint:PATH"``: the encoder of a triplet-experiment run
+  (``python -m experiments.triplet --workdir=PATH``), latest checkpoint. Faces
+  are found and aligned by the same dlib detector/landmarks; the aligned
+  150x150 chip is resized to the run's ``image_size`` (and made grayscale for a
+  1-channel run), then embedded exactly as the run evaluated (centre crop,
+  optional mirror test-time augmentation).
+
+Each encoder has a ``fingerprint`` dict (model name, sha256 of the weights,
+preprocessing, dimension) that a gallery stores, so embeddings of different
+encoders are never compared.
+
+Rules for one image (:func:`encode_faces`, :func:`encode_one`):
+
+* unreadable image: :class:`jaxface.images.ImageError` (a ValueError) naming it;
+* no face: :class:`NoFaceError` naming the image (``encode_one``; for
+  ``encode_faces`` no face is an empty result);
+* several faces where one is needed: the largest box is used, or with
+  ``strict=True`` :class:`SeveralFacesError` naming the image and the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+DLIB_MODEL = "dlib_face_recognition_resnet_model_v1"
+DLIB_PREPROCESSING = "mmod detector, shape_predictor_5, chip 150x150 padding 0.25, RGB uint8"
+CHECKPOINT_PREFIX = "checkpoint:"
+
+
+class FaceError(ValueError):
+  """An image does not hold the face(s) the operation needs; the message names the image."""
+
+
+class NoFaceError(FaceError):
+  pass
+
+
+class SeveralFacesError(FaceError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Faces:
+  """All faces of one image, largest detection score first.
+
+  boxes: int64 [N, 4] (left, top, right, bottom); embeddings: float32 [N, D].
+  """
+  source: str
+  boxes: np.ndarray
+  embeddings: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.boxes.shape[0])
+
+
+def content_sha256(image: Any) -> str:
+  """Hex sha256 of a file's bytes (a path) or of an array's bytes, shape and dtype."""
+  if isinstance(image, (str, os.PathLike)):
+    h = hashlib.sha256()
+    with open(image, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+  arr = np.ascontiguousarray(np.asarray(image))
+  h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+  h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def _label(image: Any) -> str:
+  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__} image>"
+
+
+class FaceEmbedder:
+  """Aligned 150x150 uint8 RGB chips -> embeddings; subclasses set ``fingerprint``."""
+
+  fingerprint: dict
+  dim: int
+
+  def embed_chips(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+    """uint8 [N, 150, 150, 3] -> float32 [N, dim]."""
+    raise NotImplementedError
+
+
+class DlibEmbedder(FaceEmbedder):
+  """dlib's ResNet via :func:`jaxface.faces.embed` (the model loads lazily on first embed)."""
+
+  dim = 128
+
+  def __init__(self):
+    from jaxface import pretrained
+    path = pretrained.model_file("resnet")
+    self.fingerprint = {"model": DLIB_MODEL, "weights_sha256": pretrained.file_sha256(path),
+                        "preprocessing": DLIB_PREPROCESSING, "dim": self.dim}
+
+  def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+    from jaxface import faces
+    return faces.embed(chips)
+
+
+def params_sha256(tree: Any) -> str:
+  """sha256 over every array leaf of ``tree`` (path, dtype, shape and bytes), in path order."""
+  import jax
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}|".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+class CheckpointEmbedder(FaceEmbedder):
+  """The encoder of a triplet run's latest checkpoint (see the module docstring)."""
+
+  def __init__(self, workdir: str):
+    from flax import nnx
+    from jaxface import paths
+    from jaxface.train import triplet
+    self.workdir = os.path.abspath(paths.expand(workdir))
+    if not os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+      raise FileNotFoundError(f"--encoder=checkpoint:{workdir}: no triplet checkpoint in "
+                              f"{self.workdir} (expected {self.workdir}/checkpoints)")
+    model, cfg = triplet.load_params(self.workdir)
+    if cfg.spatial_rank != 2:
+      raise ValueError(f"--encoder=checkpoint:{workdir}: the run embeds spatial_rank={cfg.spatial_rank} "
+                       "data, not images")
+    if getattr(cfg, "ensemble", 1) != 1:
+      raise ValueError(f"--encoder=checkpoint:{workdir}: ensemble runs are not supported")
+    self.cfg = cfg
+    graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+    self._embed = triplet.make_embed_fn(graphdef, cfg)
+    self.dim = int(cfg.embedding_dim)
+    h, w = cfg.image_size
+    self.fingerprint = {
+        "model": f"triplet:{self.workdir}",
+        "weights_sha256": params_sha256((self._params, self._rest)),
+        "preprocessing": (f"{DLIB_PREPROCESSING}; resize {h}x{w} bilinear, "
+                          f"{'gray' if cfg.channels == 1 else 'RGB'}, centre crop "
+                          f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, mirror TTA {bool(cfg.eval_flip)}"),
+        "dim": self.dim,
+    }
+
+  def resize_chips(self, chips: np.ndarray) -> np.ndarray:
+    """uint8 [N, 150, 150, 3] -> uint8 [N, H, W, C] as the run's images were loaded."""
+    from PIL import Image
+    h, w = self.cfg.image_size
+    out = np.empty((chips.shape[0], h, w, self.cfg.channels), np.uint8)
+    for k, chip in enumerate(chips):  # PIL resizes one image at a time; N is a handful of faces
+      im = Image.fromarray(chip).resize((w, h), Image.BILINEAR)
+      if self.cfg.channels == 1:
+        im = im.convert("L")
+      out[k] = np.asarray(im).reshape(h, w, self.cfg.channels)
+    return out
+
+  def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+    chips = np.asarray(chips)
+    if chips.ndim != 4 or chips.shape[-1] != 3 or chips.dtype != np.uint8:
+      raise ValueError(f"chips: expected uint8 [N, 150, 150, 3], got {chips.dtype} {chips.shape}")
+    if chips.shape[0] == 0:
+      return np.zeros((0, self.dim), np.float32)
+    x = self.resize_chips(chips)
+    # Pad to a power of two so a few compiled shapes serve any number of faces.
+    n = x.shape[0]
+    bucket = 1 << max(0, (n - 1).bit_length())
+    if bucket > n:
+      x = np.concatenate([x, np.zeros((bucket - n,) + x.shape[1:], np.uint8)])
+    return np.asarray(self._embed(self._params, self._rest, x), np.float32)[:n]
+
+
+_EMBEDDERS: dict[str, FaceEmbedder] = {}
+
+
+def get_encoder(spec: str = "dlib") -> FaceEmbedder:
+  """``"dlib"`` or ``"checkpoint:PATH"`` -> a :class:`FaceEmbedder` (one per spec per process)."""
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"encoder: expected 'dlib' or 'checkpoint:PATH', got {spec!r}")
+  if spec not in _EMBEDDERS:
+    if spec == "dlib":
+      _EMBEDDERS[spec] = DlibEmbedder()
+    elif spec.startswith(CHECKPOINT_PREFIX) and len(spec) > len(CHECKPOINT_PREFIX):
+      _EMBEDDERS[spec] = CheckpointEmbedder(spec[len(CHECKPOINT_PREFIX):])
+    else:
+      raise ValueError(f"encoder: expected 'dlib' or 'checkpoint:PATH', got {spec!r}")
+  return _EMBEDDERS[spec]
+
+
+def encode_faces(image: Any, encoder: FaceEmbedder, *, upsample: int = 0) -> Faces:
+  """Every face of ``image`` (a path or an array): boxes int64 [N, 4], embeddings float32 [N, D].
+
+  Raises:
+    jaxface.images.ImageError: the image cannot be read (message names it).
+  """
+  from jaxface import faces
+  label = _label(image)
+  img = faces.load_image(image)
+  boxes = faces.detect(img, upsample=upsample)
+  if boxes.shape[0] == 0:
+    return Faces(label, boxes, np.zeros((0, encoder.dim), np.float32))
+  chips = faces.chips(img, faces.landmarks(img, boxes))
+  return Faces(label, boxes, np.asarray(encoder.embed_chips(chips), np.float32))
+
+
+def largest(boxes: np.ndarray) -> int:
+  """Index of the box with the largest area (ties: the first, i.e. the higher detection score)."""
+  b = np.asarray(boxes, np.int64)
+  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+  return int(np.argmax(area))
+
+
+def pick_one(found: Faces, *, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(box int64 [4], embedding float32 [D]) of the one face an operation needs.
+
+  Raises:
+    NoFaceError: no face in the image.
+    SeveralFacesError: several faces and ``strict``.
+  """
+  n = len(found)
+  if n == 0:
+    raise NoFaceError(f"{found.source}: no face found (try --upsample=1 for small faces)")
+  if n > 1 and strict:
+    raise SeveralFacesError(f"{found.source}: {n} faces found where one is needed (--strict); "
+                            "crop the image or drop --strict to use the largest face")
+  k = largest(found.boxes) if n > 1 else 0
+  return found.boxes[k], found.embeddings[k]
+
+
+def encode_one(image: Any, encoder: FaceEmbedder, *, upsample: int = 0,
+               strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """The single (or largest) face of ``image``: (box int64 [4], embedding float32 [D])."""
+  return pick_one(encode_faces(image, encoder, upsample=upsample), strict=strict)
+
+
+def source_record(path: Any, box: np.ndarray) -> dict:
+  """``{"path", "sha256", "box"}`` for a gallery source (absolute path for files)."""
+  label = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else _label(path)
+  return {"path": label, "sha256": content_sha256(path), "box": [int(v) for v in np.asarray(box)]}
