@@ -462,13 +462,10 @@ class App:
       row["siamese_accuracy"] = float(np.mean((model.predict(a, b) >= 0.5) == y))
     path = self.gallery_path()
     with self.open_gallery(create=True) as gal:
-      gal.set_threshold(thr)
-      # Per-identity thresholds were fitted around the old global one: drop them.
-      for identity in gal.identity_thresholds():
-        gal.set_threshold(None, identity=identity)
-      per_id = {}
-      if self.opts.per_identity:
-        per_id = self._per_identity(gal, calibrate, thr)
+      per_id = self._per_identity(gal, calibrate, thr) if self.opts.per_identity else {}
+      # One transaction: the new global threshold, the new per-identity ones, and
+      # the old per-identity ones (fitted around the old global) cleared.
+      gal.set_thresholds(thr, {int(k): float(v) for k, v in per_id.items()})
     row["per_identity"] = len(per_id)
     row["gallery"] = path
     self.emit([row])
@@ -480,10 +477,7 @@ class App:
       self.warn("--per_identity: no identity has 2 or more enrolled images; none set")
       return {}
     far = 0.0 if self.opts.best else self.opts.target_far
-    thresholds = calibrate.per_identity_thresholds(emb, ids, global_threshold=global_thr, target_far=far)
-    for identity, value in thresholds.items():
-      gal.set_threshold(float(value), identity=int(identity))
-    return thresholds
+    return calibrate.per_identity_thresholds(emb, ids, global_threshold=global_thr, target_far=far)
 
   # ----- list / remove / rename
 

@@ -293,3 +293,23 @@ def test_busy_gallery_is_a_clear_error(tmp_path):
   finally:
     other.execute("ROLLBACK")
     other.close()
+
+
+def test_set_thresholds_replaces_all_thresholds_in_one_transaction(tmp_path):
+  fp = {"model": "test", "weights_sha256": "0" * 16, "preprocessing": "none"}
+  rng = np.random.default_rng(0)
+  with Gallery(str(tmp_path / "g.sqlite"), fp) as gal:
+    a = gal.enroll("alice", rng.normal(size=(2, 128)).astype(np.float32))
+    b = gal.enroll("bob", rng.normal(size=(2, 128)).astype(np.float32))
+    gal.set_threshold(0.5)
+    gal.set_threshold(0.4, identity="alice")
+    gal.set_thresholds(0.55, {b: 0.45})
+    assert gal.threshold() == pytest.approx(0.55)
+    assert gal.threshold("alice") is None  # fitted around the old global: cleared
+    assert gal.threshold("bob") == pytest.approx(0.45)
+    with pytest.raises(GalleryError, match="threshold"):
+      gal.set_thresholds(float("nan"), {})
+    with pytest.raises(GalleryError):
+      gal.set_thresholds(0.3, {"carol": 0.2})  # unknown identity: nothing changes
+    assert gal.threshold() == pytest.approx(0.55)
+    assert gal.threshold("bob") == pytest.approx(0.45)

@@ -344,6 +344,26 @@ class Gallery:
         identity_id = self._identity_id(identity)
         db.execute("UPDATE identities SET threshold = ? WHERE id = ?", (value, identity_id))
 
+  def set_thresholds(self, value: float, per_identity: dict | None = None) -> None:
+    """Replaces all thresholds in one transaction: the global ``value``, and
+    per-identity ones (``{identity id or name: threshold}``); every identity
+    not in ``per_identity`` loses its own threshold, since it was fitted
+    around the old global one. A killed process leaves the old set intact.
+    """
+    def check(v, what):
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+          or not np.isfinite(v) or v < 0:
+        raise GalleryError(f"{what}: expected a finite number >= 0, got {v!r}")
+      return float(v)
+    value = check(value, "threshold")
+    per_identity = {k: check(v, f"threshold of {k!r}") for k, v in (per_identity or {}).items()}
+    with self._transaction() as db:
+      self._set_meta("threshold", json.dumps(value))
+      db.execute("UPDATE identities SET threshold = NULL")
+      for identity, v in per_identity.items():
+        db.execute("UPDATE identities SET threshold = ? WHERE id = ?",
+                   (v, self._identity_id(identity)))
+
   # ------------------------------------------------------------------ reads
 
   def threshold(self, identity: str | int | None = None) -> float | None:
