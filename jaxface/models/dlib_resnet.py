@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import math
+import os
 from typing import Any
 
 import jax
@@ -180,11 +182,38 @@ class Conv(nnx.Module):
     self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    p = self.padding
+    """``[N, H, W, in_ch] -> [N, OH, OW, out_ch]`` float32, OH = (H + 2 padding - kernel) // stride + 1."""
+    kernel = self.kernel[...]
+    k, s, p = kernel.shape[0], self.stride, self.padding
+    (r0, r1, pads_h), (c0, c1, pads_w) = (_live_taps(x.shape[1], k, s, p),
+                                          _live_taps(x.shape[2], k, s, p))
+    if (r0, r1, c0, c1) != (0, k, 0, k):
+      # Taps that only ever read zero padding are dropped (same sum, fewer terms):
+      # the last 3x3 pad-1 conv sees a 1x1 map, so only its centre tap is live, and
+      # as a full 3x3 conv XLA rewrote it into a kernel-reversing form that copied
+      # the whole 2.4 MB kernel on every call.
+      kernel = kernel[r0:r1, c0:c1]
     y = jax.lax.conv_general_dilated(
-        x, self.kernel[...], window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        x, kernel, window_strides=(s, s), padding=(pads_h, pads_w),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_PRECISIONS[self.precision])
     return y + self.bias[...]
+
+
+def _live_taps(size: int, k: int, s: int, p: int) -> tuple[int, int, tuple[int, int]]:
+  """Kernel taps ``[lo, hi)`` of one axis that can touch a real input pixel, and the
+  padding that keeps the output size when only those taps are used.
+
+  Output ``i`` reads input ``i * s + r - p`` with tap ``r``; over all ``OUT`` outputs
+  that is inside ``[0, size)`` only for ``p - (OUT - 1) s <= r < size + p``.
+  """
+  out = (size + 2 * p - k) // s + 1
+  if out < 1:
+    return 0, k, (p, p)  # no output at all: leave it to the conv to produce the empty map
+  lo, hi = max(0, p - (out - 1) * s), min(k, size + p)
+  if hi <= lo:
+    return 0, k, (p, p)  # every tap reads padding (output = bias): keep the plain conv
+  # Same numerator size + pad_lo + pad_hi - (hi - lo) as size + 2p - k, so the same OUT.
+  return lo, hi, (p - lo, p - (k - hi))
 
 
 class Affine(nnx.Module):
@@ -207,14 +236,33 @@ def _zero_fill_add(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _avg_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 average pool, no padding: ``[N, H, W, C] -> [N, H//2, W//2, C]``."""
-  n, h, w, c = x.shape
-  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-  return jnp.sum(x, axis=(2, 4)) * jnp.float32(0.25)
+  """2x2 stride-2 average pool, no padding: ``[N, H, W, C] -> [N, H//2, W//2, C]`` float32.
+
+  Four strided slices summed elementwise: XLA fuses them into the consumer
+  (shortcut add), where a reshape + reduce ran 2-4x slower on CPU.
+  """
+  oh, ow = x.shape[1] // 2, x.shape[2] // 2
+  def tap(r, c):
+    return x[:, r:r + 2 * oh:2, c:c + 2 * ow:2]
+  return ((tap(0, 0) + tap(0, 1)) + (tap(1, 0) + tap(1, 1))) * jnp.float32(0.25)
 
 
 def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
+  """3x3 stride-2 max pool, no padding: ``[N, H, W, C] -> [N, (H-3)//2+1, (W-3)//2+1, C]``.
+
+  Separable (rows, then columns) strided-slice maxima: exactly
+  ``reduce_window(max)``, but XLA:CPU ran reduce_window as a slow generic loop
+  (0.21 ms/chip at batch 1, 0.35 at 32, ~5-9% of the whole network) and this
+  form as a fused elementwise pass (0.04 / 0.014 ms/chip).
+  """
+  def pool(t, axis):
+    out = (t.shape[axis] - 3) // 2 + 1
+    if out < 1:  # window larger than the map: empty, as reduce_window gives
+      return jax.lax.slice_in_dim(t, 0, 0, 1, axis)
+    def tap(r):
+      return jax.lax.slice_in_dim(t, r, r + 2 * (out - 1) + 1, 2, axis)
+    return jnp.maximum(jnp.maximum(tap(0), tap(1)), tap(2))
+  return pool(pool(x, 1), 2)
 
 
 class Block(nnx.Module):
@@ -487,12 +535,79 @@ def from_converted(tree: dict[str, Any], spec_overrides: dict[str, Any] | None =
 # --------------------------------------------------------------------------- inference wrapper
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _infer(graphdef: nnx.GraphDef, state: nnx.State, chips: jax.Array) -> jax.Array:
-  # Module level and keyed on the (hashable) graphdef: every FaceEncoder of the
-  # same architecture shares the compiled programs.
-  net = nnx.merge(graphdef, state)
-  return net(preprocess(chips, net.spec.mean_rgb))
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def _xla_options() -> dict[str, str] | None:
+  """Per-executable XLA options for inference: on CPU with jaxlib 0.10.x, turn off the
+  YNN fusion (``{_YNN_OPTION: ""}``), the setting ``experiments.flagutil.tune_cpu_xla``
+  makes process-wide, so library users get it without any environment flag.
+
+  Measured on 2 shared cores (``python -m experiments.bench.faces``): without it the
+  3-input-channel 7x7 stem conv ran ~3x slower and the whole network 1.4-1.7x slower.
+  The user's own ``XLA_FLAGS`` entry for it, or ``JAXFACE_NO_XLA_TUNING=1``, wins;
+  other backends and jaxlib lines (which may not know the option) get none.
+  """
+  if os.environ.get("JAXFACE_NO_XLA_TUNING") or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  return {_YNN_OPTION: ""} if version.startswith("0.10.") and _options_accepted() else None
+
+
+@functools.cache
+def _options_accepted() -> bool:
+  """Whether this XLA build compiles with the option (once per process, one trivial
+  compile): a build that rejects it then gets a plain ``jax.jit`` rather than an
+  error at the first embed."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={_YNN_OPTION: ""}).lower(np.float32(0)).compile()
+    return True
+  except Exception:  # noqa: BLE001 - any rejection means "do not use it"
+    return False
+
+
+class _InferCache:
+  """Jitted ``(weight leaves, chips uint8 [B, S, S, 3]) -> [B, 128] float32`` programs,
+  one per (graphdef, treedef), shared by every :class:`FaceEncoder` of the same
+  architecture.
+
+  Why not ``jax.jit`` with the graphdef static and the ``nnx.State`` as argument:
+  hashing the graphdef (~145 us) and flattening the State (~35 us) on every
+  call was ~5% of a batch-1 call (~4 ms); here both happen once, in
+  :meth:`get`, and a call passes a flat list of arrays (~15 us dispatch).
+  """
+
+  def __init__(self):
+    self._fns: dict[Any, Any] = {}
+
+  def get(self, graphdef: nnx.GraphDef, treedef: Any):
+    key = (graphdef, treedef)
+    fn = self._fns.get(key)
+    if fn is None:
+      def infer(leaves, chips):
+        net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        return net(preprocess(chips, net.spec.mean_rgb))
+      options = _xla_options()
+      fn = jax.jit(infer, compiler_options=options) if options else jax.jit(infer)
+      self._fns[key] = fn
+    return fn
+
+  def __call__(self, graphdef: nnx.GraphDef, state: nnx.State, chips: jax.Array) -> jax.Array:
+    """``[B, S, S, 3] uint8 -> [B, 128] float32`` (convenience; FaceEncoder calls ``get`` once)."""
+    leaves, treedef = jax.tree.flatten(state)
+    return self.get(graphdef, treedef)(leaves, chips)
+
+  def _cache_size(self) -> int:
+    """Compiled programs over all architectures (one per batch bucket and architecture)."""
+    return sum(fn._cache_size() for fn in self._fns.values())
+
+
+_infer = _InferCache()
 
 
 class FaceEncoder:
@@ -502,7 +617,9 @@ class FaceEncoder:
   larger inputs run in chunks of ``max_batch``) so any N reuses one of a few
   compiled programs. ``max_batch`` defaults to 32 on CPU (measured on 2 cores:
   chunks of 16-32 gave ~15% more chips per CPU-second than 64 or 256) and 256
-  on accelerators (H200: 22,000 chips/s at 256 vs 13,000 at 64).
+  on accelerators (H200: 22,000 chips/s at 256 vs 13,000 at 64). On CPU the
+  programs are compiled with :func:`_xla_options` (YNN fusion off), so no
+  ``XLA_FLAGS`` are needed for the fast path.
 
   For fine-tuning, ``graphdef, params, rest`` are the unfolded split of the
   model (``apply(graphdef, params, rest, preprocess(chips))``) and ``spec``
@@ -519,6 +636,9 @@ class FaceEncoder:
     self.max_batch = max_batch
     infer_model = fold_affine(model) if fold else model
     self._infer_graphdef, self._infer_state = nnx.split(infer_model)
+    # Flattened once: a call passes this list straight to the jitted program.
+    self._infer_leaves, treedef = jax.tree.flatten(self._infer_state)
+    self._infer_fn = _infer.get(self._infer_graphdef, treedef)
 
   @classmethod
   def from_converted(cls, tree: dict[str, Any], *, fold_affine: bool = True,
@@ -546,7 +666,7 @@ class FaceEncoder:
       bucket = self._bucket(stop - start)
       if part.shape[0] < bucket:  # zero chips fill the bucket; their rows are dropped
         part = np.concatenate([part, np.zeros((bucket - part.shape[0],) + part.shape[1:], np.uint8)])
-      emb = _infer(self._infer_graphdef, self._infer_state, part)
+      emb = self._infer_fn(self._infer_leaves, part)
       out[start:stop] = np.asarray(emb)[:stop - start]
       start = stop
     return out
