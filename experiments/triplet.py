@@ -3,6 +3,8 @@ r"""Triplet-loss training of a face encoder.
   python -m experiments.triplet --flagfile=experiments/configs/triplet_demo.flags
   python -m experiments.triplet --flagfile=experiments/configs/triplet_att_orl.flags \
       --workdir=runs/att_orl
+  # fine-tune dlib's pretrained ResNet (--num_steps=0: its zero-shot accuracy)
+  python -m experiments.triplet --flagfile=experiments/configs/triplet_att_orl_dlib.flags
 
 Every field of ``jaxface.train.config.TripletConfig`` is a flag. A run always
 resumes from the latest checkpoint in ``--workdir``.

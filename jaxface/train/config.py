@@ -11,6 +11,21 @@ by rank: crop, brightness (a baseline offset), contrast (an amplitude scale)
 and noise apply to every rank; flip mirrors the last spatial axis and is
 refused for signals (reversed time is not the same heartbeat); scale, rotate
 and erase are image-only and refused for other ranks.
+
+``init="dlib"`` fine-tunes dlib's pretrained 128-D ResNet
+(``jaxface.pretrained.face_encoder``) instead of building the scratch encoder:
+the scratch architecture fields (stem_*, widths, depths, pool) are then unused,
+``embedding_dim`` must be 128, crops must be at least 103 px (150 matches the
+pretrained weights) and grayscale images are fed as RGB (R = G = B).
+``l2_normalize`` (default on) normalises its descriptors so the triplet margin
+has a fixed meaning. ``num_steps=0`` evaluates the initial weights (zero-shot).
+
+Options beyond the triplet loss, all off by default: ``cls_weight`` adds a
+CosFace softmax over the training identities (``jaxface.train.heads``),
+``standardize`` standardises each input, ``eval_crops=5`` averages the
+embeddings of the centre and corner crops, ``ensemble=N`` trains N members
+(seeds seed..seed+N-1, in ``<workdir>/member<i>``) and evaluates their
+concatenated embeddings.
 """
 
 from __future__ import annotations
@@ -21,12 +36,16 @@ import math
 from jaxface.models.encoder import EncoderSpec
 
 STRATEGIES = ("all", "all_active", "hard", "semihard")
+INITS = ("scratch", "dlib")
+# Smallest input side dlib's ResNet accepts (its last feature map is >= 1x1);
+# 150 is what the pretrained weights were trained on.
+DLIB_MIN_SIZE = 103
 DATA_KINDS = ("synthetic", "folder", "tfds")
 SPATIAL_RANKS = {1: "signals T", 2: "images H,W", 3: "volumes D,H,W"}
 
 # Keys a resumed run may change without starting over.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every", "eval_batch_size",
-                     "max_to_keep", "roc_png", "eval_flip")
+                     "max_to_keep", "roc_png", "eval_flip", "eval_crops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +79,7 @@ class TripletConfig:
   erase: float = 0.0                      # probability of random erasing (a noise rectangle)
   noise: float = 0.0                      # std of additive Gaussian noise on [0, 1] values
   # --- model
+  init: str = "scratch"                   # scratch | dlib (fine-tune dlib's pretrained ResNet: crop >= 103, 150 native)
   embedding_dim: int = 128
   stem_width: int = 32
   stem_stride: int = 1
@@ -67,6 +87,10 @@ class TripletConfig:
   depths: tuple[int, ...] = (1, 1, 1, 1)
   l2_normalize: bool = True
   pool: str = "avg"                       # avg (global average) | flatten (keeps face layout)
+  standardize: bool = False               # per-image standardisation of inputs (zero mean, unit std)
+  cls_weight: float = 0.0                 # > 0: add a CosFace softmax loss over the training identities
+  cls_margin: float = 0.35                # CosFace additive cosine margin
+  cls_scale: float = 16.0                 # CosFace logit scale
   # --- optimisation
   num_steps: int = 400
   learning_rate: float = 3e-3
@@ -75,6 +99,7 @@ class TripletConfig:
   grad_clip: float = 1.0
   ema_decay: float = 0.0                  # > 0: evaluate an exponential moving average of the weights
   seed: int = 0
+  ensemble: int = 1                       # > 1: train members with seeds seed, seed+1, ...; concatenate embeddings
   # --- bookkeeping
   log_every: int = 20
   checkpoint_every: int = 100
@@ -82,6 +107,7 @@ class TripletConfig:
   eval_every: int = 0                     # 0: evaluate only at the end
   eval_batch_size: int = 128
   eval_flip: bool = True                  # embed image + mirror image, average (test-time augmentation)
+  eval_crops: int = 1                     # 1: centre crop; 5: centre + 4 corner crops, averaged (images only)
   roc_png: bool = True
 
   def __post_init__(self):
@@ -96,6 +122,8 @@ class TripletConfig:
     """Raises ValueError naming the first bad setting."""
     def bad(name, why):
       raise ValueError(f"--{name}={getattr(self, name)!r}: {why}")
+    if self.init not in INITS:
+      bad("init", f"must be one of {', '.join(INITS)}")
     if self.data not in DATA_KINDS:
       bad("data", f"must be one of {', '.join(DATA_KINDS)}")
     if self.data == "folder" and not self.data_path:
@@ -156,7 +184,15 @@ class TripletConfig:
       v = getattr(self, name)
       if not (math.isfinite(v) and v >= 0):
         bad(name, "must be finite and >= 0")
-    for name in ("num_steps", "log_every", "checkpoint_every", "eval_batch_size",
+    if self.num_steps < 0:
+      bad("num_steps", "must be >= 0 (0: evaluate the initial weights only)")
+    if not (math.isfinite(self.cls_weight) and self.cls_weight >= 0):
+      bad("cls_weight", "must be finite and >= 0")
+    if not (math.isfinite(self.cls_margin) and 0 <= self.cls_margin < 1):
+      bad("cls_margin", "must be in [0, 1)")
+    if not (math.isfinite(self.cls_scale) and self.cls_scale > 0):
+      bad("cls_scale", "must be finite and > 0")
+    for name in ("log_every", "checkpoint_every", "eval_batch_size",
                  "max_to_keep", "synthetic_identities"):
       if getattr(self, name) < 1:
         bad(name, "must be >= 1")
@@ -166,8 +202,31 @@ class TripletConfig:
       bad("warmup_steps" if self.warmup_steps < 0 else "eval_every", "must be >= 0")
     if self.num_holdout < 2:
       bad("num_holdout", "evaluation needs at least 2 held-out identities")
-    self.encoder_spec()  # validates the architecture
+    if self.eval_crops not in (1, 5):
+      bad("eval_crops", "must be 1 (centre crop) or 5 (centre and 4 corners)")
+    if self.eval_crops == 5 and rank != 2:
+      bad("eval_crops", f"corner crops are an image (2-D) test-time augmentation; use 1 with "
+                        f"--spatial_rank={rank}")
+    if not 1 <= self.ensemble <= 16:
+      bad("ensemble", "must be in 1..16")
+    if self.init == "dlib":
+      if rank != 2:
+        bad("init", "dlib's ResNet embeds 2-D images; use --spatial_rank=2")
+      if min(self.crop_size) < DLIB_MIN_SIZE:
+        bad("crop_size", f"--init=dlib needs a crop of at least {DLIB_MIN_SIZE}x{DLIB_MIN_SIZE} "
+                         f"(150,150 matches the pretrained weights); raise --image_size and --crop_size")
+      if self.embedding_dim != 128:
+        bad("embedding_dim", "--init=dlib keeps dlib's 128-D output layer; use --embedding_dim=128")
+      if self.standardize:
+        bad("standardize", "--init=dlib uses dlib's own input scaling; use --nostandardize")
+    else:
+      self.encoder_spec()  # validates the scratch architecture
     return self
+
+  def dlib_spec(self):
+    """The :class:`DlibResNetSpec` of an ``init="dlib"`` run (dlib's architecture, our l2 choice)."""
+    from jaxface.models.dlib_resnet import DlibResNetSpec
+    return DlibResNetSpec(l2_normalize=self.l2_normalize)
 
   def encoder_spec(self) -> EncoderSpec:
     return EncoderSpec(spatial_rank=self.spatial_rank, in_channels=self.channels,

@@ -13,6 +13,7 @@ same machine and XLA build.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from jaxface.data import sampler as sampler_lib
 from jaxface.data import source as source_lib
 from jaxface.losses import triplet_loss
 from jaxface.models import encoder as encoder_lib
+from jaxface.train import heads
 from jaxface.train.config import RESUMABLE_CHANGES, TripletConfig
 
 log = logging.getLogger(__name__)
@@ -79,13 +81,16 @@ def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
                                 image_size=size, channels=cfg.channels)
 
 
-def prepare_data(cfg: TripletConfig):
+def prepare_data(cfg: TripletConfig, source: source_lib.ImageSource | None = None):
   """Loads and splits the data and checks it fits P x K before any compute.
+
+  ``source``: already loaded data (the members of an ensemble share the data
+  of the ensemble's seed; synthetic data depends on the seed).
 
   Returns:
     (train source, held-out source, sampler over the train source).
   """
-  source = load_source(cfg)
+  source = load_source(cfg) if source is None else source
   if len(source.identity_names) < 2:
     raise ValueError(f"the data has {len(source.identity_names)} identities; training needs >= 2")
   seed = cfg.holdout_seed if cfg.holdout_seed >= 0 else None
@@ -109,28 +114,114 @@ def make_optimizer(cfg: TripletConfig) -> optax.GradientTransformation:
       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
-def init_state(cfg: TripletConfig) -> tuple[nnx.GraphDef, optax.GradientTransformation, State]:
+def model_apply(cfg: TripletConfig) -> Callable:
+  """The forward pass of the configured model, with the encoder API.
+
+  Returns:
+    ``fwd(graphdef, params, rest, x, train) -> (emb [B, D] float32, rest)``
+    where ``x`` is ``[B, *spatial, C] float32`` in [0, 1] (the augmentation
+    pipeline's output). ``init="dlib"`` replicates grayscale to RGB and
+    applies dlib's input scaling; ``standardize`` standardises each sample.
+  """
+  if cfg.init == "dlib":
+    from jaxface.models import dlib_resnet
+
+    def fwd_dlib(graphdef, params, rest, x, train):
+      if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)  # dlib's net takes RGB; a gray face is R = G = B
+      return dlib_resnet.apply(graphdef, params, rest, dlib_resnet.preprocess_unit(x), train)
+
+    return fwd_dlib
+
+  def fwd(graphdef, params, rest, x, train):
+    if cfg.standardize:
+      x = heads.standardize(x)
+    return encoder_lib.apply(graphdef, params, rest, x, train)
+
+  return fwd
+
+
+def model_extras(cfg: TripletConfig, num_classes: int) -> dict:
+  """What rebuilds the model beyond the config: saved with every checkpoint.
+
+  ``dlib_spec``: :meth:`DlibResNetSpec.to_dict` of an ``init="dlib"`` run;
+  ``num_classes``: training identities of the CosFace head (0 without one).
+  """
+  return {"dlib_spec": cfg.dlib_spec().to_dict() if cfg.init == "dlib" else None,
+          "num_classes": int(num_classes) if cfg.cls_weight > 0 else 0}
+
+
+def _split_saved(saved: dict) -> tuple[dict, dict]:
+  """A checkpoint's config dict -> (TripletConfig fields, model extras)."""
+  saved = dict(saved)
+  extras = saved.pop("model_extras", None) or {}
+  return saved, extras
+
+
+def _with_sharding(tree):
+  """Restore target whose leaves all carry a sharding (abstractly built leaves have none)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def leaf(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    return x
+
+  return jax.tree.map(leaf, checkpointing.abstract_like(tree))
+
+
+def init_state(cfg: TripletConfig, *, num_classes: int = 0, dlib_spec: dict | None = None
+               ) -> tuple[nnx.GraphDef, optax.GradientTransformation, State]:
   """Fresh model, optimizer and train state from ``cfg.seed``.
+
+  Args:
+    cfg: the config. ``init="scratch"`` builds a random encoder;
+      ``init="dlib"`` starts from dlib's pretrained weights.
+    num_classes: training identities, for the CosFace head (``cfg.cls_weight > 0``).
+    dlib_spec: with ``init="dlib"``, a saved ``DlibResNetSpec.to_dict()``:
+      build only the shapes (a restore target) without loading the
+      pretrained weights.
 
   Returns:
     (graphdef, optimizer, state) where state is a pytree dict with ``step``
-    (int32), ``params``, ``rest`` (BatchNorm statistics), ``opt_state``,
-    ``rng`` (uint32 key data) and ``bad_step`` (int32, -1 while all losses
-    were finite).
+    (int32), ``params``, ``rest`` (BatchNorm statistics; empty for dlib),
+    ``opt_state``, ``rng`` (uint32 key data), ``bad_step`` (int32, -1 while
+    all losses were finite), ``ema`` when kept and ``cls`` (``[D, C]``
+    float32 CosFace prototypes) with a CosFace head.
   """
-  model = encoder_lib.build_encoder(cfg.encoder_spec(), seed=cfg.seed)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if cfg.init == "dlib":
+    from jaxface.models import dlib_resnet
+    if dlib_spec is not None:
+      spec = dlib_resnet.DlibResNetSpec.from_dict(dlib_spec)
+      model = nnx.eval_shape(lambda: dlib_resnet.build_dlib_resnet(spec))
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    else:
+      from jaxface import pretrained
+      enc = pretrained.face_encoder(fold_affine=False,
+                                    spec_overrides={"l2_normalize": cfg.l2_normalize})
+      graphdef, params, rest = enc.graphdef, enc.params, enc.rest
+  else:
+    model = encoder_lib.build_encoder(cfg.encoder_spec(), seed=cfg.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(cfg)
+  trainable = params
+  cls = None
+  if cfg.cls_weight > 0:
+    cls = heads.init_cosface_weights(jax.random.key(cfg.seed + 2), cfg.embedding_dim, num_classes)
+    trainable = (params, cls)
+  abstract = dlib_spec is not None
   state = {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "rest": rest,
-      "opt_state": tx.init(params),
+      "opt_state": jax.eval_shape(tx.init, trainable) if abstract else tx.init(trainable),
       "rng": jax.random.key_data(jax.random.key(cfg.seed + 1)),
       "bad_step": jnp.full((), -1, jnp.int32),
   }
+  if cls is not None:
+    state["cls"] = cls
   if cfg.ema_decay > 0:
-    state["ema"] = jax.tree.map(jnp.copy, params)
+    state["ema"] = params if abstract else jax.tree.map(jnp.copy, params)
   return graphdef, tx, state
 
 
@@ -151,6 +242,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   NaN never reaches the parameters or a checkpoint.
   """
   crop = tuple(cfg.crop_size)
+  fwd = model_apply(cfg)
+  use_cls = "cls" if cfg.cls_weight > 0 else None
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -159,14 +252,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                             scale=cfg.scale, rotate=cfg.rotate, erase=cfg.erase,
                             noise=cfg.noise)
 
-    def loss_fn(params):
-      emb, new_rest = encoder_lib.apply(graphdef, params, state["rest"], x, train=True)
+    def loss_fn(trainable):
+      params = trainable[0] if use_cls else trainable
+      emb, new_rest = fwd(graphdef, params, state["rest"], x, True)
       loss, aux = triplet_loss(emb, batch["labels"], margin=cfg.margin, strategy=cfg.strategy)
+      aux = dict(aux)
+      if use_cls:
+        cls_loss, cls_acc = heads.cosface_loss(emb, trainable[1], batch["labels"],
+                                               margin=cfg.cls_margin, scale=cfg.cls_scale)
+        aux["cls_loss"], aux["cls_acc"] = cls_loss, cls_acc
+        loss = loss + cfg.cls_weight * cls_loss
       return loss, (aux, new_rest, emb)
 
-    (loss, (aux, new_rest, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
+    trainable = (state["params"], state["cls"]) if use_cls else state["params"]
+    (loss, (aux, new_rest, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, new_opt = tx.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    new_params = new_trainable[0] if use_cls else new_trainable
     grad_norm = optax.tree.norm(grads)
     # Masked strategies can turn NaN distances into a zero loss, so the
     # embeddings are checked too.
@@ -181,6 +283,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "rng": state["rng"],
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], state["step"]),
     }
+    if use_cls:
+      new_state["cls"] = keep(new_trainable[1], state["cls"])
     if "ema" in state:
       # Polyak averaging: the average of recent weights generalises better than
       # the last iterate when few identities let the net memorise quickly.
@@ -197,6 +301,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         # Mean per-dimension variance across the batch: ~0 means all embeddings are equal.
         "train/embedding_spread": jnp.mean(jnp.var(emb, axis=0)) * emb.shape[-1],
     }
+    if use_cls:
+      metrics["train/cls_loss"] = aux["cls_loss"]
+      metrics["train/cls_acc"] = aux["cls_acc"]
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
@@ -209,19 +316,37 @@ def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
   With ``cfg.eval_flip`` the embedding is that of the image plus its mirror
   image (renormalised), the usual test-time augmentation for faces; the
   mirror is along the last spatial axis (left-right for volumes as well).
+  With ``cfg.eval_crops=5`` the centre and the 4 corner crops are averaged too.
   """
   crop = tuple(cfg.crop_size)
+  fwd = model_apply(cfg)
 
-  @jax.jit
-  def embed(params, rest, images):
-    x = augment_lib.center_crop(augment_lib.to_float(images), crop)
-    emb, _ = encoder_lib.apply(graphdef, params, rest, x, train=False)
+  def embed_view(params, rest, x):
+    emb, _ = fwd(graphdef, params, rest, x, False)
     if cfg.eval_flip:
       # A face and its mirror image are the same person: averaging both views
       # removes the left/right bias the encoder learned from one view.
-      flipped, _ = encoder_lib.apply(graphdef, params, rest, jnp.flip(x, axis=-2), train=False)
-      emb = encoder_lib.l2_normalize(emb + flipped) if cfg.l2_normalize else (emb + flipped) / 2
+      flipped, _ = fwd(graphdef, params, rest, jnp.flip(x, axis=-2), False)
+      emb = emb + flipped
     return emb
+
+  @jax.jit
+  def embed(params, rest, images):
+    x = augment_lib.to_float(images)
+    if cfg.eval_crops == 5:
+      # Centre and the 4 corner crops: averages out where the face sits in the
+      # crop, as the random training crops taught the net to tolerate.
+      (h, w), (ch, cw) = x.shape[1:3], crop
+      emb = 0
+      for top, left in (((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0),
+                        (h - ch, w - cw)):
+        emb = emb + embed_view(params, rest, x[:, top:top + ch, left:left + cw])
+    else:
+      emb = embed_view(params, rest, augment_lib.center_crop(x, crop))
+    views = (2 if cfg.eval_flip else 1) * cfg.eval_crops
+    if views == 1:
+      return emb
+    return encoder_lib.l2_normalize(emb) if cfg.l2_normalize else emb / views
 
   return embed
 
@@ -251,18 +376,24 @@ def evaluate(embed, state: State, holdout: source_lib.ImageSource, cfg: TripletC
              workdir: str | None) -> dict:
   """Verification and identification on held-out identities; writes metrics.json and roc.png."""
   emb = embed_source(embed, eval_params(state), state["rest"], holdout, cfg.eval_batch_size)
+  return evaluate_embeddings(emb, holdout, cfg, int(state["step"]), workdir)
+
+
+def evaluate_embeddings(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: TripletConfig,
+                        step: int, workdir: str | None) -> dict:
+  """Metrics of ``[N, D] float32`` held-out embeddings; writes metrics.json and roc.png to ``workdir``."""
   if not np.all(np.isfinite(emb)):
     raise TrainingError("held-out embeddings are not finite")
   results, roc = metrics_lib.evaluate_embeddings(emb, holdout.labels, seed=cfg.seed)
   # NaN (e.g. TAR at a FAR finer than 1/#negative pairs) is stored as JSON null.
   results = {k: (float(v) if np.isfinite(v) else None) for k, v in results.items()}
-  results["eval/step"] = int(state["step"])
+  results["eval/step"] = int(step)
   if workdir:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
     if cfg.roc_png:
       metrics_lib.save_roc_png(roc["fpr"], roc["tpr"], os.path.join(workdir, "roc.png"),
-                               title=f"held-out ROC, step {int(state['step'])}",
+                               title=f"held-out ROC, step {int(step)}",
                                auc=results["eval/auc"])
   return results
 
@@ -314,24 +445,78 @@ def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
     The final ``eval/...`` metrics (empty when stopped early).
   """
   cfg.validate()
+  if cfg.ensemble > 1:
+    return _run_ensemble(cfg, workdir, stop_after, printer)
+  return _run_single(cfg, workdir, stop_after, printer, {})
+
+
+def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
+                  printer: Callable[[str], None]) -> dict:
+  """Trains ``cfg.ensemble`` members in ``<workdir>/member<i>`` (seeds seed + i) and evaluates
+  their concatenated embeddings.
+
+  Each member is an ordinary run (own checkpoints, resumable, own metrics.json);
+  with unit-norm members the concatenation divided by sqrt(#members) is unit
+  norm and its squared distance is the members' mean squared distance.
+  """
   os.makedirs(workdir, exist_ok=True)
-  train_src, holdout_src, sampler = prepare_data(cfg)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+  embs, holdout_src, member_acc = [], None, []
+  source = load_source(cfg)
+  for i in range(cfg.ensemble):
+    member = dataclasses.replace(cfg, seed=cfg.seed + i, ensemble=1)
+    keep: dict = {}
+    res = _run_single(member, os.path.join(workdir, f"member{i}"), stop_after,
+                      lambda s, i=i: printer(f"[member {i}] {s}"), keep, source)
+    if not res:
+      return {}  # stopped early (stop_after); a rerun resumes this member
+    member_acc.append(res["eval/accuracy"])
+    holdout_src = keep["holdout"]
+    embs.append(embed_source(keep["embed"], eval_params(keep["state"]), keep["state"]["rest"],
+                             holdout_src, cfg.eval_batch_size))
+  emb = np.concatenate(embs, axis=1) / np.sqrt(cfg.ensemble)
+  results = evaluate_embeddings(emb, holdout_src, cfg, cfg.num_steps, workdir)
+  results["eval/member_accuracy_mean"] = float(np.mean(member_acc))
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  printer(f"ensemble of {cfg.ensemble}: member accuracies "
+          f"{', '.join(f'{a:.4f}' for a in member_acc)}")
+  printer(_fmt_eval(results))
+  return results
+
+
+def _run_single(cfg: TripletConfig, workdir: str, stop_after: int | None,
+                printer: Callable[[str], None], keep: dict,
+                source: source_lib.ImageSource | None = None) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  train_src, holdout_src, sampler = prepare_data(cfg, source)
   printer(f"data: {len(train_src)} train images of {len(train_src.identity_names)} identities, "
           f"{len(holdout_src)} held-out images of {len(holdout_src.identity_names)} identities, "
           f"image {train_src.image_shape}, batch {cfg.P}x{cfg.K}")
 
-  graphdef, tx, state = init_state(cfg)
+  num_classes = len(train_src.identity_names)
+  extras = model_extras(cfg, num_classes)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=cfg.max_to_keep)
   try:
-    saved_cfg = ckpt.restore_config()
-    if saved_cfg is not None:
+    saved = ckpt.restore_config()
+    if saved is not None:
+      saved_cfg, saved_extras = _split_saved(saved)
       # Through the dataclass, so a run saved before a setting existed compares
       # that setting at its default (which is what the run used).
       saved_cfg = TripletConfig.from_dict(saved_cfg).to_dict()
       checkpointing.check_resumable(saved_cfg, cfg.to_dict(), may_change=RESUMABLE_CHANGES)
-      restored = ckpt.restore(checkpointing.abstract_like(state))
-      start, state = restored
+      if saved_extras:
+        checkpointing.check_resumable({"model_extras": saved_extras}, {"model_extras": extras},
+                                      may_change=())
+      # A dlib run restores into shapes built from the saved spec: the
+      # pretrained weights need not even be installed to resume it.
+      graphdef, tx, state = init_state(cfg, num_classes=num_classes,
+                                       dlib_spec=saved_extras.get("dlib_spec") or extras["dlib_spec"])
+      start, state = ckpt.restore(_with_sharding(state))
       printer(f"resumed from {ckpt.directory}/{start}")
+    else:
+      graphdef, tx, state = init_state(cfg, num_classes=num_classes)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
     printer(f"encoder: {encoder_lib.num_params(state['params']):,} parameters, "
@@ -340,7 +525,9 @@ def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
     train_step = make_train_step(graphdef, tx, cfg)
     embed = make_embed_fn(graphdef, cfg)
     results = _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src,
-                          sampler, ckpt, stop_after, printer)
+                          sampler, ckpt, stop_after, printer,
+                          ckpt_config={**cfg.to_dict(), "model_extras": extras}, keep=keep)
+    keep.update(embed=embed, holdout=holdout_src)
   finally:
     ckpt.close()
   return results
@@ -359,7 +546,7 @@ def _check_health(state: State, metrics: dict, step: int) -> None:
 
 
 def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, sampler, ckpt,
-                stop_after, printer) -> dict:
+                stop_after, printer, ckpt_config, keep) -> dict:
   step = int(state["step"])
   batches = _Batches(train_src, sampler)
   log_path = os.path.join(workdir, "train_log.jsonl")
@@ -388,7 +575,7 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
         _check_health(state, {}, step)
         # Save a copy: the next step donates (reuses) the state's buffers while
         # orbax may still be writing them in the background.
-        ckpt.save(step, jax.tree.map(jnp.copy, state), cfg.to_dict(), force=True)
+        ckpt.save(step, jax.tree.map(jnp.copy, state), ckpt_config, force=True)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         res = evaluate(embed, state, holdout_src, cfg, None)
         printer(_fmt_eval(res))
@@ -402,6 +589,7 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
   elapsed = time.perf_counter() - t_start
   if step > step_start:
     printer(f"trained steps {step_start}..{step} in {elapsed:.1f}s")
+  keep["state"] = state
   results = evaluate(embed, state, holdout_src, cfg, workdir)
   printer(_fmt_eval(results))
   printer(f"wrote {os.path.join(workdir, 'metrics.json')}")
@@ -426,7 +614,9 @@ def load_params(workdir: str):
     saved = ckpt.restore_config()
     if saved is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    cfg = TripletConfig.from_dict(saved)
-    graphdef, _, state = init_state(cfg)
-    _, state = ckpt.restore(checkpointing.abstract_like(state))
+    saved_cfg, extras = _split_saved(saved)
+    cfg = TripletConfig.from_dict(saved_cfg)
+    dlib_spec = extras.get("dlib_spec") or (cfg.dlib_spec().to_dict() if cfg.init == "dlib" else None)
+    graphdef, _, state = init_state(cfg, num_classes=extras.get("num_classes", 0), dlib_spec=dlib_spec)
+    _, state = ckpt.restore(_with_sharding(state))
   return nnx.merge(graphdef, eval_params(state), state["rest"]), cfg
