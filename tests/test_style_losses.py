@@ -107,3 +107,24 @@ def test_jit_equals_eager_and_mismatched_shapes_raise():
     style.content_cost(jnp.zeros((2, 2, 3)), jnp.zeros((2, 3, 3)))
   with pytest.raises(ValueError, match="channels"):
     style.style_layer_cost(jnp.zeros((4, 4)), jnp.zeros((2, 2, 3)))
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 6), (64, 32, 4), (2, 64, 32, 4)])
+def test_gram_value_and_custom_gradient_match_numpy(shape):
+  # (64, 32, 4): 2048 positions x 4 channels takes the row-blocked path.
+  a = RNG.normal(size=shape).astype(np.float32)
+  c = shape[-1]
+  target = RNG.normal(size=(c, c)).astype(np.float32)
+  flat = a.reshape(shape[:-3] + (-1, c)).astype(np.float64)
+  want_g = np.einsum("...pk,...pl->...kl", flat, flat)
+  got_g = np.asarray(style.gram(jnp.asarray(a)))
+  np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-3)
+  # L = sum((T - G)^2): dL/dG = -2 (T - G), dL/dF = F (dL/dG + dL/dG^T).
+  loss = lambda x: jnp.sum(jnp.square(target - style.gram(x)))
+  d_g = -2.0 * (target.astype(np.float64) - want_g)
+  want = (flat @ (d_g + np.swapaxes(d_g, -1, -2))).reshape(shape)
+  got = np.asarray(jax.grad(loss)(jnp.asarray(a)))
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got / scale, want / scale, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(a))), got, rtol=1e-5,
+                             atol=1e-5 * scale)

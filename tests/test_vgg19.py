@@ -117,3 +117,54 @@ def test_bad_inputs_raise_value_error():
     vgg19.set_weights(model, types.SimpleNamespace(params=params, source="x"))
   assert vgg19.downsampling("relu1_1") == 1 and vgg19.downsampling("relu4_2") == 8
   assert vgg19.downsampling("pool5") == 32 and vgg19.deepest(["relu4_2", "relu1_1"]) == "relu4_2"
+
+
+def test_input_grad_kernels_are_flipped_transposes_and_give_the_same_gradient():
+  model = vgg19.build_vgg19(pooling="avg", seed=2)
+  graphdef, params = nnx.split(model)
+  kernels = vgg19.input_grad_kernels(params)
+  k = np.asarray(params["conv2_1"]["kernel"][...])
+  kt = np.asarray(kernels["conv2_1"])
+  assert kt.shape == (3, 3, 128, 64)
+  for i in range(3):
+    for j in range(3):
+      np.testing.assert_array_equal(kt[i, j], k[2 - i, 2 - j].T)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 12, 10, 3)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 5, 128)), jnp.float32)
+  loss = lambda x, gk: jnp.sum(vgg19.features(graphdef, params, x, "relu2_1", gk)["relu2_1"] * w)
+  # Same values; input gradient equal to XLA's own VJP; jitted once.
+  f = jax.jit(jax.value_and_grad(loss))
+  v_ref, g_ref = jax.value_and_grad(loss)(x, None)
+  v, g = f(x, kernels)
+  f(x + 1, kernels)
+  assert f._cache_size() == 1
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
+  with pytest.raises(ValueError, match="grad_kernels\\['conv2_1'\\]"):
+    model(x, "relu2_1", {n: v for n, v in kernels.items() if n != "conv2_1"})
+  with pytest.raises(ValueError, match="grad_kernels\\['conv1_2'\\]"):
+    model(x, "relu2_1", {**kernels, "conv1_2": params["conv1_2"]["kernel"][...][:, :, :32]})
+
+
+def test_conv_input_gradient_matches_numpy_adjoint():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(1, 5, 4, 3)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+  w = rng.normal(size=(5, 4, 2))
+  f = lambda x, k: jnp.sum(vgg19._conv3x3(x, k, vgg19.input_grad_kernel(k)) * w)
+  np.testing.assert_allclose(float(f(jnp.asarray(x), jnp.asarray(k))),
+                             np.sum(_np_conv_same(x[0].astype(np.float64), k, 0) * w), rtol=1e-5)
+  # y[i, j] = sum_{di,dj} x[i+di-1, j+dj-1] @ k[di, dj]  =>  scatter w back through each tap.
+  want_dx = np.zeros((5, 4, 3))
+  want_dk = np.zeros((3, 3, 3, 2))
+  for i in range(5):
+    for j in range(4):
+      for di in range(3):
+        for dj in range(3):
+          ii, jj = i + di - 1, j + dj - 1
+          if 0 <= ii < 5 and 0 <= jj < 4:
+            want_dx[ii, jj] += k[di, dj] @ w[i, j]
+            want_dk[di, dj] += np.outer(x[0, ii, jj], w[i, j])
+  dx, dk = jax.grad(f, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+  np.testing.assert_allclose(np.asarray(dx[0]), want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-5, atol=1e-5)

@@ -4,13 +4,17 @@ Compares, in the same run and on the same shapes (content relu4_2 + style
 relu1_1..relu5_1, so conv1_1..conv5_1 run; lecture costs; Adam; pixels
 clipped to [0, 1]):
   * jaxface's jitted, donated ``jaxface.style.transfer.make_step`` with the
-    style Grams and content activations passed in as constants, with the
-    default XLA flags and with ``experiments.flagutil.tune_cpu_xla()``,
+    style Grams, content activations and input-gradient kernels
+    (``scale_consts``) passed in as constants, with the default XLA flags and
+    with ``experiments.flagutil.tune_cpu_xla()``,
   * an equivalent PyTorch CPU eager implementation written here (NCHW,
     weights frozen, only the image requires grad), when torch is installed
     (``pip install torch==2.13.0``).
 Every variant runs in its own subprocess, so XLA_FLAGS apply and the peak RSS
-(``ru_maxrss``) is that variant's alone. It also times a batch of 4 content
+(``ru_maxrss``) is that variant's alone. Besides wall time it reports each
+variant's process CPU time per step (all threads): on a machine shared with
+other jobs the wall-time ratio swings widely between runs (PyTorch's OpenMP
+threads suffer most), the CPU-time ratio much less. It also times a batch of 4 content
 images in one vmapped JAX step against 4 separate single-image steps.
 
   python -m experiments.bench.nst_step [--sizes=256,512] [--steps=5]
@@ -43,13 +47,24 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 ALPHA, BETA, TV, LR = 1.0, 1e7, 0.1, 0.02
 
 
-def _timed(step, steps: int) -> list[float]:
-  times = []
+def _timed(step, steps: int) -> tuple[list[float], list[float]]:
+  """Wall and process CPU seconds (all threads) of each of ``steps`` calls.
+
+  On a shared machine the CPU time is the steadier figure: other processes
+  stretch the wall time of a step, much less the work it does.
+  """
+  times, cpu = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     step()
     times.append(time.perf_counter() - t)
-  return times
+    cpu.append(time.process_time() - c)
+  return times, cpu
+
+
+def _summary(times: list[float], cpu: list[float]) -> dict:
+  return {"ms_per_step": 1e3 * sorted(times)[len(times) // 2], "min_ms": 1e3 * min(times),
+          "cpu_ms": 1e3 * sorted(cpu)[len(cpu) // 2]}
 
 
 def _jax_worker(size: int, batch: int, steps: int) -> dict:
@@ -78,9 +93,7 @@ def _jax_worker(size: int, batch: int, steps: int) -> dict:
   first_loss = float(one()["train/loss"])
   compile_s = time.perf_counter() - t0
   one()
-  times = _timed(one, steps)
-  return {"ms_per_step": 1e3 * sorted(times)[len(times) // 2], "min_ms": 1e3 * min(times),
-          "compile_s": compile_s, "first_loss": first_loss}
+  return {**_summary(*_timed(one, steps)), "compile_s": compile_s, "first_loss": first_loss}
 
 
 def _jax_inputs(size: int):
@@ -173,9 +186,8 @@ def _torch_worker(size: int, steps: int) -> dict:
   first_loss = one()
   first_s = time.perf_counter() - t0
   one()
-  times = _timed(one, steps)
-  return {"ms_per_step": 1e3 * sorted(times)[len(times) // 2], "min_ms": 1e3 * min(times),
-          "compile_s": first_s, "first_loss": first_loss, "threads": torch.get_num_threads()}
+  return {**_summary(*_timed(one, steps)), "compile_s": first_s, "first_loss": first_loss,
+          "threads": torch.get_num_threads()}
 
 
 def _spawn(kind: str, size: int, batch: int, steps: int, tuned: bool) -> dict | None:
@@ -224,8 +236,8 @@ def main(argv):
           row[name] = r
     results[size] = row
     for name, r in row.items():
-      print(f"{size:4d}px {name:10s} {r['ms_per_step']:8.1f} ms/step (min {r['min_ms']:.1f})  "
-            f"first step {r['compile_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+      print(f"{size:4d}px {name:10s} {r['ms_per_step']:8.1f} ms/step (min {r['min_ms']:.1f}, CPU "
+            f"{r['cpu_ms']:.0f})  first step {r['compile_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     if "torch" in row and "jax" in row:
       a, b = row["jax"]["first_loss"], row["torch"]["first_loss"]
       print(f"{size:4d}px first-step loss: jax {a:.6g}, torch {b:.6g} (relative difference "
@@ -234,8 +246,8 @@ def main(argv):
       for name in ("jax", "jax_tuned"):
         if name in row:
           print(f"{size:4d}px {name} / torch = {row[name]['ms_per_step'] / row['torch']['ms_per_step']:.2f} "
-                f"(medians), {row[name]['min_ms'] / row['torch']['min_ms']:.2f} (fastest steps)",
-                flush=True)
+                f"(medians), {row[name]['min_ms'] / row['torch']['min_ms']:.2f} (fastest steps), "
+                f"{row[name]['cpu_ms'] / row['torch']['cpu_ms']:.2f} (CPU time)", flush=True)
   size = int(FLAGS.sizes[0])
   # experiments.nst runs with the default XLA flags (see there): the batch is
   # compared with that single-image variant.

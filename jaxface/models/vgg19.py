@@ -88,12 +88,18 @@ class VGG19(nnx.Module):
                                                kernel_init=init, rngs=rngs))
         cin = width
 
-  def __call__(self, x: jax.Array, last_layer: str = "relu5_4") -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, last_layer: str = "relu5_4",
+               grad_kernels: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     """Named activations from ``conv1_1`` up to and including ``last_layer``.
 
     Args:
       x: ``[B, H, W, 3] float32``, already preprocessed (``preprocess``).
       last_layer: a name of LAYER_NAMES; later layers are not computed.
+      grad_kernels: optional ``input_grad_kernels(params)`` of this
+        model's weights. Same values; only the gradient w.r.t. ``x`` changes
+        how it is computed (a plain convolution with these precomputed
+        kernels, instead of flipping and transposing every kernel in every
+        backward pass). For optimising the image against fixed weights.
 
     Returns:
       dict layer name -> ``[B, H / 2**k, W / 2**k, C] float32`` (k pools so
@@ -102,10 +108,22 @@ class VGG19(nnx.Module):
     stop = layer_index(last_layer)
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"x: expected [B, H, W, 3], got shape {x.shape}")
+    if grad_kernels is not None:
+      for name in (n for n in LAYER_NAMES[: stop + 1] if n.startswith("conv")):
+        k = getattr(self, name).kernel
+        want = (*k.shape[:2], k.shape[3], k.shape[2])
+        got = getattr(grad_kernels.get(name), "shape", None)
+        if got != want:
+          raise ValueError(f"grad_kernels[{name!r}]: expected shape {want} (input_grad_kernels), "
+                           f"got {got}")
     out = {}
     for name in LAYER_NAMES[: stop + 1]:
       if name.startswith("conv"):
-        x = getattr(self, name)(x)
+        conv = getattr(self, name)
+        if grad_kernels is None:
+          x = conv(x)
+        else:
+          x = _conv3x3(x, conv.kernel[...], grad_kernels[name]) + conv.bias[...]
       elif name.startswith("relu"):
         x = jax.nn.relu(x)
       else:
@@ -126,6 +144,56 @@ def _he_normal(key, shape, dtype=jnp.float32):
   bits = np.asarray(jax.random.key_data(key)).ravel()
   rng = np.random.default_rng([int(b) for b in bits])
   return jnp.asarray(rng.standard_normal(shape, np.float32) * np.float32(std), dtype)
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  # Exactly nnx.Conv's call for these layers (stride 1, SAME, NHWC / HWIO).
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _conv3x3(x: jax.Array, kernel: jax.Array, kernel_t: jax.Array) -> jax.Array:
+  """``[B, H, W, Cin] * [3, 3, Cin, Cout] -> [B, H, W, Cout]`` (SAME, stride 1, no bias).
+
+  ``kernel_t [3, 3, Cout, Cin]`` must be ``input_grad_kernel(kernel)``; it is
+  used only by the VJP: the input gradient of a stride-1 SAME 3x3
+  convolution is the SAME convolution of the output gradient with the
+  spatially flipped, in/out-swapped kernel (exact). XLA's own VJP builds that
+  kernel (a reverse + transpose copy of every kernel) on each backward pass.
+  """
+  return _conv_same(x, kernel)
+
+
+def _conv3x3_fwd(x, kernel, kernel_t):
+  return _conv_same(x, kernel), (x, kernel, kernel_t)
+
+
+def _conv3x3_bwd(res, dy):
+  x, kernel, kernel_t = res
+  dx = _conv_same(dy, kernel_t)
+  # The kernel's gradient, for completeness: dead code (removed by XLA) when
+  # only the image is differentiated, as in style transfer. ``kernel_t`` does
+  # not enter the value, so its cotangent is zero.
+  dk = jax.vjp(lambda k: _conv_same(x, k), kernel)[1](dy)[0]
+  return dx, dk, jnp.zeros_like(kernel_t)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def input_grad_kernel(kernel: jax.Array) -> jax.Array:
+  """``[3, 3, Cin, Cout] -> [3, 3, Cout, Cin]``: spatially flipped, in/out swapped."""
+  return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+@jax.jit
+def input_grad_kernels(params: nnx.State) -> dict[str, jax.Array]:
+  """``{conv name: input_grad_kernel(kernel)}`` for every conv of ``nnx.split(model)[1]``.
+
+  Compute once per set of weights and pass to ``features``.
+  """
+  return {name: input_grad_kernel(params[name]["kernel"][...]) for name in CONV_NAMES}
 
 
 def _pool2x2(x: jax.Array, kind: str) -> jax.Array:
@@ -171,10 +239,10 @@ def set_weights(model: VGG19, weights) -> None:
     conv.bias[...] = jnp.asarray(bias, jnp.float32)
 
 
-def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array,
-             last_layer: str) -> dict[str, jax.Array]:
+def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, last_layer: str,
+             grad_kernels: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   """Pure form of ``VGG19.__call__`` on ``nnx.split(model)``."""
-  return nnx.merge(graphdef, params)(x, last_layer)
+  return nnx.merge(graphdef, params)(x, last_layer, grad_kernels)
 
 
 def preprocess(images: jax.Array, prep: Preprocessing) -> jax.Array:

@@ -178,13 +178,13 @@ def make_image_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
   luminance = cfg.preserve_color == "luminance"
   yiq_y = jnp.asarray(images_lib.RGB_TO_Y, jnp.float32)
 
-  def cost(image, vgg, content_act, grams):
+  def cost(image, vgg, content_act, grams, grad_kernels=None):
     seen = image
     if luminance:
       # Luminance-only transfer: the network sees Y in all three channels;
       # the colour comes from the content image when saving.
       seen = jnp.broadcast_to((image @ yiq_y)[..., None], image.shape)
-    feats = vgg19.features(graphdef, vgg, vgg19.preprocess(seen[None], prep), last)
+    feats = vgg19.features(graphdef, vgg, vgg19.preprocess(seen[None], prep), last, grad_kernels)
     j_content = costs.content_cost(content_act, feats[layer][0], normalize=cfg.content_normalize)
     j_style = costs.style_cost(grams, {n: feats[n][0] for n in lambdas}, lambdas)
     tv = costs.total_variation(image)
@@ -198,7 +198,9 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: NST
               *, jit: bool = True):
   """Builds the pure ``step(state, consts) -> (state, metrics)``.
 
-  ``consts`` is ``{"vgg": params, "content": [B, h, w, c], "grams": {layer: [c, c]}}``.
+  ``consts`` is ``{"vgg": params, "content": [B, h, w, c], "grams": {layer: [c, c]}}``,
+  optionally with ``"grad_kernels": vgg19.input_grad_kernels(params)`` (as
+  ``scale_consts`` makes it: the same step, a faster backward pass).
   Every image of ``state["image"] [B, H, W, 3]`` takes one optimizer step
   (vmapped: own optimizer state, shared style Grams and weights). A step
   whose cost is not finite leaves the state as it was and records its number
@@ -209,8 +211,8 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: NST
   cost = make_image_cost(graphdef, cfg, prep)
   lbfgs = cfg.optimizer == "lbfgs"
 
-  def one(image, opt_state, content_act, vgg, grams):
-    fn = lambda im: cost(im, vgg, content_act, grams)
+  def one(image, opt_state, content_act, vgg, grams, grad_kernels):
+    fn = lambda im: cost(im, vgg, content_act, grams, grad_kernels)
     (j, terms), grad = jax.value_and_grad(fn, has_aux=True)(image)
     if lbfgs:
       updates, new_opt = tx.update(grad, opt_state, image, value=j, grad=grad,
@@ -223,11 +225,12 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: NST
     ok = jnp.isfinite(j) & jnp.all(jnp.isfinite(new_image))
     return new_image, new_opt, j, terms, ok
 
-  batched = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+  batched = jax.vmap(one, in_axes=(0, 0, 0, None, None, None))
 
   def step(state: State, consts: dict) -> tuple[State, dict]:
     new_image, new_opt, j, terms, ok = batched(state["image"], state["opt_state"],
-                                               consts["content"], consts["vgg"], consts["grams"])
+                                               consts["content"], consts["vgg"], consts["grams"],
+                                               consts.get("grad_kernels"))
     ok = jnp.all(ok) & (state["bad_step"] < 0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {
@@ -268,7 +271,8 @@ def make_targets(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
 
 
 def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targets) -> dict:
-  """Constants of scale ``k``: weights, content activations, blended style Grams.
+  """Constants of scale ``k``: weights (and their input-gradient kernels), content activations,
+  blended style Grams.
 
   A style image of another size than the output has Grams summed over another
   number of positions; each is rescaled by ``(nH nW)_generated / (nH nW)_style``
@@ -289,7 +293,8 @@ def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targe
     per_style.append(grams)
   blended = {n: costs.blend_grams([g[n] for g in per_style], problem.blend)
              for n in per_style[0]}
-  return {"vgg": vgg, "content": content_fn(vgg, jnp.asarray(contents)), "grams": blended}
+  return {"vgg": vgg, "content": content_fn(vgg, jnp.asarray(contents)), "grams": blended,
+          "grad_kernels": vgg19.input_grad_kernels(vgg)}
 
 
 # --------------------------------------------------------------------------- state
