@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 
 import jax
@@ -65,7 +66,7 @@ def test_xla_options_per_program_and_overrides(monkeypatch):
   monkeypatch.delenv("JAXFACE_NO_XLA_TUNING", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "")
   opts = dr._xla_options()
-  if jax.default_backend() == "cpu" and dr.importlib.metadata.version("jaxlib").startswith("0.10."):
+  if jax.default_backend() == "cpu" and importlib.metadata.version("jaxlib").startswith("0.10."):
     assert opts == {dr._YNN_OPTION: ""}
   else:
     assert opts is None

@@ -37,9 +37,7 @@ see :func:`_xla_options`); with it on, 512x512 took ~2x longer on 2 cores.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import math
-import os
 from typing import Any
 
 import jax
@@ -47,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxface import xla_options
 from jaxface.faces import nms as _nms
 
 CONVERTER_VERSION = "mmod-v1"
@@ -220,23 +219,8 @@ def receptive_field_map(geometry) -> tuple[int, int, int, int]:
   return ay, by, ax, bx
 
 
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-
-
-def _xla_options() -> dict[str, str] | None:
-  """Per-executable XLA options for the CNN: on CPU with jaxlib 0.10.x, turn off the YNN
-  fusion, which ran these convolutions 2-5x slower on 2 cores (the same setting
-  ``experiments.flagutil.tune_cpu_xla`` makes process-wide). The user's own
-  ``XLA_FLAGS`` entry for it, or ``JAXFACE_NO_XLA_TUNING=1``, wins."""
-  if os.environ.get("JAXFACE_NO_XLA_TUNING") or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
-    return None
-  if jax.default_backend() != "cpu":
-    return None
-  try:
-    version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  return {_YNN_OPTION: ""} if version.startswith("0.10.") else None
+_YNN_OPTION = xla_options.YNN_OPTION
+_xla_options = xla_options.cpu_compiler_options  # see jaxface/xla_options.py
 
 
 class _LazyJit:

@@ -50,10 +50,7 @@ batched, jitted inference from uint8 chips.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.metadata
 import math
-import os
 from typing import Any
 
 import jax
@@ -61,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxface import xla_options
 from jaxface.formats import dlib as dlib_format
 
 # Version of :func:`convert`'s output layout (part of the cache key).
@@ -535,40 +533,8 @@ def from_converted(tree: dict[str, Any], spec_overrides: dict[str, Any] | None =
 # --------------------------------------------------------------------------- inference wrapper
 
 
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-
-
-def _xla_options() -> dict[str, str] | None:
-  """Per-executable XLA options for inference: on CPU with jaxlib 0.10.x, turn off the
-  YNN fusion (``{_YNN_OPTION: ""}``), the setting ``experiments.flagutil.tune_cpu_xla``
-  makes process-wide, so library users get it without any environment flag.
-
-  Measured on 2 shared cores (``python -m experiments.bench.faces``): without it the
-  3-input-channel 7x7 stem conv ran ~3x slower and the whole network 1.4-1.7x slower.
-  The user's own ``XLA_FLAGS`` entry for it, or ``JAXFACE_NO_XLA_TUNING=1``, wins;
-  other backends and jaxlib lines (which may not know the option) get none.
-  """
-  if os.environ.get("JAXFACE_NO_XLA_TUNING") or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
-    return None
-  if jax.default_backend() != "cpu":
-    return None
-  try:
-    version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  return {_YNN_OPTION: ""} if version.startswith("0.10.") and _options_accepted() else None
-
-
-@functools.cache
-def _options_accepted() -> bool:
-  """Whether this XLA build compiles with the option (once per process, one trivial
-  compile): a build that rejects it then gets a plain ``jax.jit`` rather than an
-  error at the first embed."""
-  try:
-    jax.jit(lambda x: x + 1, compiler_options={_YNN_OPTION: ""}).lower(np.float32(0)).compile()
-    return True
-  except Exception:  # noqa: BLE001 - any rejection means "do not use it"
-    return False
+_YNN_OPTION = xla_options.YNN_OPTION
+_xla_options = xla_options.cpu_compiler_options  # see jaxface/xla_options.py
 
 
 class _InferCache:
