@@ -6,42 +6,14 @@ checked only when scikit-image is installed.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxface import paths
 from jaxface.faces import chips as C
 
-GOLDEN = os.path.join(paths.data_root(), "dlib_golden")
 
-
-@pytest.fixture(scope="module")
-def golden():
-  f = os.path.join(GOLDEN, "golden.npz")
-  if not os.path.isfile(f):
-    pytest.skip(f"golden data not found at {f} (set JAXFACE_DATA)")
-  g = np.load(f)
-  return {k: g[k] for k in g.files}
-
-
-def load_golden_image(name: str) -> np.ndarray | None:
-  from PIL import Image
-  if name == "skimage_astronaut":
-    try:
-      from skimage import data  # optional; not a dependency
-    except ImportError:
-      return None
-    return np.asarray(data.astronaut())[..., :3]
-  with Image.open(os.path.join(GOLDEN, "images", name)) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def golden_images(golden):
-  return {name: load_golden_image(name) for name in sorted(set(golden["names"].tolist()))}
 
 
 # --------------------------------------------------------------------------- slow reference

@@ -7,15 +7,13 @@ scikit-image is installed (``skimage.data.astronaut()``), otherwise skipped.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
-from jaxface import paths, pretrained
+from jaxface import pretrained
 from jaxface.faces import landmarks as L
 
-GOLDEN = os.path.join(paths.data_root(), "dlib_golden")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -29,32 +27,6 @@ def sp() -> L.ShapePredictor:
     pytest.skip(f"weights package not installed: {e}")
   return L.load_shape_predictor(path)  # direct parse: leaves the user's cache alone
 
-
-@pytest.fixture(scope="module")
-def golden():
-  f = os.path.join(GOLDEN, "golden.npz")
-  if not os.path.isfile(f):
-    pytest.skip(f"golden data not found at {f} (set JAXFACE_DATA)")
-  g = np.load(f)
-  return {k: g[k] for k in g.files}
-
-
-def load_golden_image(name: str) -> np.ndarray | None:
-  """uint8 [H, W, 3] RGB as dlib saw it (no EXIF rotation), or None when unavailable."""
-  from PIL import Image
-  if name == "skimage_astronaut":
-    try:
-      from skimage import data  # optional; not a dependency
-    except ImportError:
-      return None
-    return np.asarray(data.astronaut())[..., :3]
-  with Image.open(os.path.join(GOLDEN, "images", name)) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def golden_images(golden):
-  return {name: load_golden_image(name) for name in sorted(set(golden["names"].tolist()))}
 
 
 # --------------------------------------------------------------------------- slow reference
