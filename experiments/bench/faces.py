@@ -37,6 +37,7 @@ from absl import flags
 from absl import logging
 
 from experiments import flagutil
+from experiments.bench import timing
 
 flags.DEFINE_list("batches", ["1", "16", "64", "256"], "embedding batch sizes")
 flags.DEFINE_list("sizes", ["512", "1024"], "square image sizes for detection")
@@ -52,21 +53,6 @@ FLAGS = flags.FLAGS
 # Figures from the issue (dlib-bin 20.0.1 on this CPU), shown when dlib is not installed.
 REFERENCE_DLIB = {"embed_chips_per_s": "11-12.5", "detect_512_ms": 1660.0}
 PHOTO = "fr_two_people.jpg"  # two faces, ~130 px wide after the 512x512 resize
-
-
-def _timed(fn, min_time: float, min_reps: int) -> tuple[float, float]:
-  """(first call seconds, median seconds of the following calls)."""
-  import numpy as np
-  t = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t
-  times: list[float] = []
-  start = time.perf_counter()
-  while len(times) < min_reps or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return first, float(np.median(times))
 
 
 def _inputs(sizes: list[int]):
@@ -161,7 +147,7 @@ def _jax_detect_rows(images, upsample):
   rows["detector_load_s"] = time.perf_counter() - t
   for s, img in images.items():
     found = []
-    first, med = _timed(lambda: found.append(len(faces.detect(img, upsample=upsample))),
+    _, first, med = timing.timed(lambda: found.append(len(faces.detect(img, upsample=upsample))),
                         FLAGS.min_time, FLAGS.min_reps)
     rows["detect"][s] = (first, med, found[-1])
   return rows
@@ -174,7 +160,7 @@ def _dlib_detect_rows(images, upsample):
   det = dlib.cnn_face_detection_model_v1(pretrained.model_file("mmod"))
   for s, img in images.items():
     found = []
-    first, med = _timed(lambda: found.append(len(det(img, upsample))), FLAGS.min_time, 1)
+    _, first, med = timing.timed(lambda: found.append(len(det(img, upsample))), FLAGS.min_time, 1)
     rows["detect"][s] = (first, med, found[-1])
   return rows
 

@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 
 from experiments import flagutil
+from experiments.bench import timing
 
 flags.DEFINE_list("sizes", ["1000", "100000", "1000000"], "gallery sizes (embeddings)")
 flags.DEFINE_integer("queries", 256, "queries per identify() call", lower_bound=1)
@@ -43,21 +44,6 @@ flags.DEFINE_float("min_time", 2.0, "seconds of timed calls per configuration (a
 flags.DEFINE_integer("min_reps", 3, "at least this many timed calls per configuration")
 flags.DEFINE_integer("seed", 0, "random seed")
 FLAGS = flags.FLAGS
-
-
-def _timed(fn, min_time: float, min_reps: int):
-  """(result of the first call, first call seconds, median seconds of the rest)."""
-  import numpy as np
-  t = time.perf_counter()
-  out = fn()
-  first = time.perf_counter() - t
-  times: list[float] = []
-  start = time.perf_counter()
-  while len(times) < min_reps or time.perf_counter() - start < min_time:
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return out, first, float(np.median(times))
 
 
 def _unit(rng, n: int, dim: int):
@@ -135,15 +121,15 @@ def main(argv):
     index = search.SearchIndex(gallery, ids, chunk=FLAGS.chunk)
     jax.block_until_ready(index._chunks)  # noqa: SLF001 -- the build includes the device copy
     build = time.perf_counter() - t
-    out, first, jx_t = _timed(lambda: index.identify(queries, k=FLAGS.k, threshold=0.6),
+    out, first, jx_t = timing.timed(lambda: index.identify(queries, k=FLAGS.k, threshold=0.6),
                               FLAGS.min_time, FLAGS.min_reps)
     jx_i, jx_d = out["index"], out["distances"]
     g_sq = np.einsum("md,md->m", gallery, gallery)
-    (np_i, np_d), _, np_chunk_t = _timed(
+    (np_i, np_d), _, np_chunk_t = timing.timed(
         lambda: numpy_topk(queries, gallery, g_sq, FLAGS.k, FLAGS.chunk), FLAGS.min_time, FLAGS.min_reps)
     np_full_t = None
     if FLAGS.queries * m * 4 / 2**30 <= FLAGS.numpy_full_max_gb:
-      _, _, np_full_t = _timed(lambda: numpy_topk(queries, gallery, g_sq, FLAGS.k, None),
+      _, _, np_full_t = timing.timed(lambda: numpy_topk(queries, gallery, g_sq, FLAGS.k, None),
                                FLAGS.min_time, FLAGS.min_reps)
     # Agreement: top-1 rows equal, or a float near-tie between the two answers.
     agree = jx_i[:, 0] == np_i[:, 0]
