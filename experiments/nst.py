@@ -4,10 +4,22 @@ r"""Gatys neural style transfer.
   python -m experiments.nst --content=$JAXFACE_DATA/nst/content/skimage_chelsea.png \
       --style=$JAXFACE_DATA/nst/style/vangogh_starry_night_1889.jpg --size=512 --workdir=runs/cat
   python -m experiments.nst --flagfile=experiments/configs/nst_default.flags
+  python -m experiments.nst --content=a.png,b.png,c.png,d.png --num_devices=0   # batch split over all devices
+  # 2 processes on one machine (run both; 2 forced CPU devices each: 1 image per device)
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.nst \
+      --content=a.png,b.png,c.png,d.png --num_devices=0 --distributed=on \
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # and =1
+  # TPU VM pod slice: run on every worker (JAX detects the cluster); --workdir
+  # must be one directory shared by all hosts (Filestore / gcsfuse mount)
+  python -m experiments.nst --content=... --num_devices=0 --distributed=on --workdir=/mnt/shared/nst
 
 Every field of ``jaxface.style.config.NSTConfig`` is a flag. A run always
 resumes from the latest checkpoint in ``--workdir``; the stylised images are
-written there as ``<content>_stylized.png``.
+written there as ``<content>_stylized.png``. ``--num_devices`` (default 1; 0 =
+all) splits the batch of content images over devices; it must divide their
+number (jaxface.style.sharding). Under ``--distributed`` every process loads the
+images, the batch is split over the devices of all processes, all of them
+checkpoint together, and process 0 alone prints and writes the PNGs.
 """
 
 from absl import app
@@ -36,6 +48,13 @@ def main(argv):
   try:
     cfg = flagutil.config_from_flags(config_lib.NSTConfig).validate()
   except ValueError as e:
+    flagutil.fail(str(e))
+  from jaxface import parallel
+  try:
+    # Before anything touches a device: JAX fixes its backends at first use.
+    parallel.initialize(cfg.distributed, coordinator_address=cfg.coordinator_address,
+                        num_processes=cfg.num_processes, process_id=cfg.process_id)
+  except (ValueError, parallel.DistributedError) as e:
     flagutil.fail(str(e))
   from jaxface.style import transfer  # heavy imports after the config is known to be valid
   try:

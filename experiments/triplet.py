@@ -6,6 +6,15 @@ r"""Triplet-loss training of a face encoder.
   # fine-tune dlib's pretrained ResNet (--num_steps=0: its zero-shot accuracy)
   python -m experiments.triplet --flagfile=experiments/configs/triplet_att_orl_dlib.flags
 
+  # data parallel on 4 forced CPU devices; 2 processes on one machine (run both)
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.triplet \
+      --flagfile=experiments/configs/triplet_demo_tiny.flags --mining=global
+  python -m experiments.triplet --flagfile=... --distributed=on \
+      --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # and =1
+  # TPU VM pod slice: run on every worker; JAX detects the cluster; the workdir
+  # must be one directory shared by all hosts (Filestore / gcsfuse mount)
+  python -m experiments.triplet --flagfile=... --distributed=on --workdir=/mnt/shared/run
+
 Every field of ``jaxface.train.config.TripletConfig`` is a flag. A run always
 resumes from the latest checkpoint in ``--workdir``.
 """
@@ -34,6 +43,13 @@ def main(argv):
   try:
     cfg = flagutil.config_from_flags(config_lib.TripletConfig).validate()
   except ValueError as e:
+    flagutil.fail(str(e))
+  from jaxface import parallel
+  try:
+    # Before anything touches a device: JAX fixes its backends at first use.
+    parallel.initialize(cfg.distributed, coordinator_address=cfg.coordinator_address,
+                        num_processes=cfg.num_processes, process_id=cfg.process_id)
+  except (ValueError, parallel.DistributedError) as e:
     flagutil.fail(str(e))
   from jaxface.train import triplet  # heavy imports after the config is known to be valid
   try:

@@ -5,8 +5,11 @@ relu1_1..relu5_1, so conv1_1..conv5_1 run; lecture costs; Adam; pixels
 clipped to [0, 1]):
   * jaxface's jitted, donated ``jaxface.style.transfer.make_step`` with the
     style Grams, content activations and input-gradient kernels
-    (``scale_consts``) passed in as constants, with the default XLA flags and
-    with ``experiments.flagutil.tune_cpu_xla()``,
+    (``scale_consts``; the convolution kernels from
+    ``vgg19.input_grad_kernels(params, --conv_impl)``) passed in as
+    constants, with the default XLA flags and with
+    ``experiments.flagutil.tune_cpu_xla()`` (and optionally with
+    ``conv_impl="xla"``: variant ``jax_xla``),
   * an equivalent PyTorch CPU eager implementation written here (NCHW,
     weights frozen, only the image requires grad), when torch is installed
     (``pip install torch==2.13.0``).
@@ -14,10 +17,13 @@ Every variant runs in its own subprocess, so XLA_FLAGS apply and the peak RSS
 (``ru_maxrss``) is that variant's alone. Besides wall time it reports each
 variant's process CPU time per step (all threads): on a machine shared with
 other jobs the wall-time ratio swings widely between runs (PyTorch's OpenMP
-threads suffer most), the CPU-time ratio much less. It also times a batch of 4 content
-images in one vmapped JAX step against 4 separate single-image steps.
+threads suffer most), the CPU-time ratio much less; so besides the ratio of
+the best medians it prints the min and median over rounds of each round's
+ratio (variants of a round run back to back). It also times a batch of 4
+content images in one vmapped JAX step against 4 separate single-image steps.
 
-  python -m experiments.bench.nst_step [--sizes=256,512] [--steps=5]
+  python -m experiments.bench.nst_step [--sizes=256,512] [--steps=5] [--rounds=5]
+      [--variants=jax,jax_tuned,torch] [--conv_impl=auto] [--batch=4]
 """
 
 from __future__ import annotations
@@ -36,9 +42,15 @@ from experiments.flagutil import YNN_FLAG
 
 flags.DEFINE_list("sizes", ["256", "512"], "square image sizes to time")
 flags.DEFINE_integer("steps", 5, "timed steps per variant (after 2 warm-up steps)")
-flags.DEFINE_integer("batch", 4, "content images in the batched JAX variant")
+flags.DEFINE_integer("batch", 4, "content images in the batched JAX variant (1: skip it)")
 flags.DEFINE_integer("rounds", 2, "variants run interleaved this many times; the best median counts "
                      "(other processes on a shared CPU make single runs noisy)")
+flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "winograd"],
+                  "VGG19 convolutions of the jax variants (jaxface.models.vgg19.input_grad_kernels)")
+flags.DEFINE_list("variants", ["jax", "jax_tuned", "torch"],
+                  "what to time: jax (default XLA flags, --conv_impl), jax_tuned (the same with "
+                  "experiments.flagutil.tune_cpu_xla's flag), jax_xla (default flags, conv_impl=xla), "
+                  "torch")
 flags.DEFINE_string("worker", "", "internal: run one variant and print JSON")
 FLAGS = flags.FLAGS
 
@@ -67,7 +79,8 @@ def _summary(times: list[float], cpu: list[float]) -> dict:
           "cpu_ms": 1e3 * sorted(cpu)[len(cpu) // 2]}
 
 
-def _jax_worker(size: int, batch: int, steps: int) -> dict:
+def _jax_worker(size: int, batch: int, steps: int, conv_impl: str) -> dict:
+  import dataclasses
   import jax
   from jaxface.style import transfer
   from jaxface.style.config import NSTConfig
@@ -78,6 +91,7 @@ def _jax_worker(size: int, batch: int, steps: int) -> dict:
   problem = transfer.prepare(cfg)
   graphdef, vgg, prep, _ = transfer.build_network(cfg, None)
   tx = transfer.make_optimizer(cfg)
+  cfg = dataclasses.replace(cfg, conv_impl=conv_impl)  # what `python -m experiments.nst --conv_impl` runs
   consts = transfer.scale_consts(cfg, problem, 0, vgg, transfer.make_targets(graphdef, cfg, prep))
   contents, _ = transfer.scale_images(cfg, problem, 0)
   state = transfer.new_state(tx, transfer.initial_image(cfg, contents), step=0, scale_index=0, seed=0)
@@ -190,13 +204,13 @@ def _torch_worker(size: int, steps: int) -> dict:
           "threads": torch.get_num_threads()}
 
 
-def _spawn(kind: str, size: int, batch: int, steps: int, tuned: bool) -> dict | None:
+def _spawn(kind: str, size: int, batch: int, steps: int, tuned: bool, conv_impl: str) -> dict | None:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   if tuned:
     env["XLA_FLAGS"] = YNN_FLAG
-  cmd = [sys.executable, "-m", "experiments.bench.nst_step", f"--worker={kind}:{size}:{batch}",
-         f"--steps={steps}"]
+  cmd = [sys.executable, "-m", "experiments.bench.nst_step",
+         f"--worker={kind}:{size}:{batch}:{conv_impl}", f"--steps={steps}"]
   r = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if r.returncode != 0:
     tail = r.stderr.strip().splitlines()[-1:] or ["?"]
@@ -205,13 +219,26 @@ def _spawn(kind: str, size: int, batch: int, steps: int, tuned: bool) -> dict | 
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _load() -> str:
+  return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _ratio_line(size: int, name: str, runs: list[tuple[dict, dict]]) -> str:
+  """Per-round ratios (JAX run / the torch run of the same round): min and median over rounds."""
+  def stats(key):
+    ratios = sorted(a[key] / b[key] for a, b in runs)
+    return f"{ratios[0]:.2f}/{ratios[len(ratios) // 2]:.2f}"
+  return (f"{size:4d}px {name} / torch per round (min/median of {len(runs)}): medians "
+          f"{stats('ms_per_step')}, fastest steps {stats('min_ms')}, CPU time {stats('cpu_ms')}")
+
+
 def main(argv):
   del argv
   if FLAGS.worker:
-    kind, size, batch = FLAGS.worker.split(":")
+    kind, size, batch, *impl = FLAGS.worker.split(":")
     size, batch = int(size), int(batch)
     if kind == "jax":
-      res = _jax_worker(size, batch, FLAGS.steps)
+      res = _jax_worker(size, batch, FLAGS.steps, impl[0] if impl else "auto")
     else:
       res = _torch_worker(size, FLAGS.steps)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -224,30 +251,51 @@ def main(argv):
     have_torch = False
     print("torch not installed (pip install torch==2.13.0): JAX figures only")
   print(f"VGG19 conv1_1..conv5_1, content {CONTENT_LAYER} + {len(STYLE_LAYERS)} style layers, Adam; "
-        f"median of {FLAGS.steps} steps; {os.cpu_count()} CPUs", flush=True)
+        f"median of {FLAGS.steps} steps; {os.cpu_count()} CPUs; conv_impl={FLAGS.conv_impl}; "
+        f"{_load()}", flush=True)
   results = {}
-  variants = [("jax", False), ("jax_tuned", True)] + ([("torch", False)] if have_torch else [])
+  known = {"jax": ("jax", False, FLAGS.conv_impl), "jax_tuned": ("jax", True, FLAGS.conv_impl),
+           "jax_xla": ("jax", False, "xla"), "torch": ("torch", False, "")}
+  for name in FLAGS.variants:
+    if name not in known:
+      raise app.UsageError(f"--variants: unknown {name!r}; choose from {', '.join(known)}")
+  variants = [n for n in FLAGS.variants if have_torch or n != "torch"]
   for size in (int(s) for s in FLAGS.sizes):
     row: dict = {}
+    rounds: list[dict] = []
     for _ in range(FLAGS.rounds):
-      for name, tuned in variants:
-        r = _spawn(name.split("_")[0], size, 1, FLAGS.steps, tuned=tuned)
+      this = {}
+      for name in variants:
+        kind, tuned, impl = known[name]
+        r = _spawn(kind, size, 1, FLAGS.steps, tuned=tuned, conv_impl=impl)
+        if r:
+          this[name] = r
         if r and (name not in row or r["ms_per_step"] < row[name]["ms_per_step"]):
           row[name] = r
+      rounds.append(this)
     results[size] = row
     for name, r in row.items():
       print(f"{size:4d}px {name:10s} {r['ms_per_step']:8.1f} ms/step (min {r['min_ms']:.1f}, CPU "
             f"{r['cpu_ms']:.0f})  first step {r['compile_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    if "torch" in row and "jax" in row:
-      a, b = row["jax"]["first_loss"], row["torch"]["first_loss"]
-      print(f"{size:4d}px first-step loss: jax {a:.6g}, torch {b:.6g} (relative difference "
-            f"{abs(a - b) / abs(b):.1e})", flush=True)
     if "torch" in row:
-      for name in ("jax", "jax_tuned"):
-        if name in row:
-          print(f"{size:4d}px {name} / torch = {row[name]['ms_per_step'] / row['torch']['ms_per_step']:.2f} "
-                f"(medians), {row[name]['min_ms'] / row['torch']['min_ms']:.2f} (fastest steps), "
-                f"{row[name]['cpu_ms'] / row['torch']['cpu_ms']:.2f} (CPU time)", flush=True)
+      b = row["torch"]["first_loss"]
+      for name in (n for n in row if n != "torch"):
+        a = row[name]["first_loss"]
+        rel = abs(a - b) / abs(b)
+        # Winograd F(4x4, 3x3) rounds each layer to ~1e-5 of its scale (tests/test_winograd.py);
+        # the loss sums squares of many such values, so a relative 1e-5 bounds a correct run.
+        print(f"{size:4d}px first-step loss: {name} {a:.8g}, torch {b:.8g} (relative difference "
+              f"{rel:.1e}{'' if rel < 1e-5 else ', ABOVE 1e-5: check the numerics'})", flush=True)
+      for name in (n for n in row if n != "torch"):
+        print(f"{size:4d}px {name} / torch = {row[name]['ms_per_step'] / row['torch']['ms_per_step']:.2f} "
+              f"(best medians), {row[name]['min_ms'] / row['torch']['min_ms']:.2f} (fastest steps), "
+              f"{row[name]['cpu_ms'] / row['torch']['cpu_ms']:.2f} (CPU time)", flush=True)
+        runs = [(r[name], r["torch"]) for r in rounds if name in r and "torch" in r]
+        if runs:
+          print(_ratio_line(size, name, runs), flush=True)
+    print(f"     {_load()}", flush=True)
+  if FLAGS.batch <= 1:
+    return
   size = int(FLAGS.sizes[0])
   # experiments.nst runs with the default XLA flags (see there): the batch is
   # compared with that single-image variant.
@@ -255,7 +303,7 @@ def main(argv):
   single = results[size].get(name)
   batched = None
   for _ in range(FLAGS.rounds):
-    r = _spawn("jax", size, FLAGS.batch, FLAGS.steps, tuned=name == "jax_tuned")
+    r = _spawn("jax", size, FLAGS.batch, FLAGS.steps, tuned=False, conv_impl=FLAGS.conv_impl)
     if r and (batched is None or r["ms_per_step"] < batched["ms_per_step"]):
       batched = r
   if single and batched:

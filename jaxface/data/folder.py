@@ -154,11 +154,17 @@ class ImageFolderSource(ImageSource):
     on_error: "warn" to log and skip unreadable images, "raise" to fail.
     min_images: identities with fewer readable images are left out.
     num_threads: decoding threads (default: CPU count, at most 8).
+    align: "none", or "dlib": each image becomes the aligned face chip of its
+      best face (``jaxface.data.align``: dlib's pretrained detector and 5-point
+      landmarks), resized to ``image_size`` (required then); cached on disk.
+    align_padding: chip padding with ``align="dlib"`` (0.25: eyebrows to chin).
 
   Attributes (besides ``ImageSource``'s):
     images: [N, H, W, C] uint8.
     paths: file path of each image, [N] list of str.
     skipped: (path, reason) of each unreadable image that was skipped.
+    align_missed: with ``align``, paths where no face was found (their centre
+      square crop is used instead).
   """
 
   def __init__(
@@ -169,9 +175,20 @@ class ImageFolderSource(ImageSource):
       on_error: str = "warn",
       min_images: int = 1,
       num_threads: int | None = None,
+      align: str = "none",
+      align_padding: float = 0.25,
   ):
+    from jaxface.data import align as align_lib
     mode = _check_channels(channels)
     size_hw = _check_size(image_size)
+    align_lib.check_method(align)
+    load = _load_one
+    if align != "none":
+      if size_hw is None:
+        raise ValueError(f"align={align!r} needs image_size=(H, W)")
+      aligner = align_lib.Aligner(size_hw, channels=channels, padding=align_padding)
+      load = lambda path, _mode, _size: aligner(path)  # noqa: E731
+      num_threads = 1  # one detector, run sequentially (most images come from the cache)
     if on_error not in ("warn", "raise"):
       raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 1:
@@ -182,6 +199,7 @@ class ImageFolderSource(ImageSource):
     file_label = np.concatenate([np.full(len(fs), i, np.int32) for i, (_, fs) in enumerate(listing)])
 
     self.skipped: list[tuple[str, str]] = []
+    self.align_missed: list[str] = []
 
     def fail(path: str, err: BaseException) -> None:
       reason = f"{type(err).__name__}: {err}"
@@ -194,7 +212,7 @@ class ImageFolderSource(ImageSource):
     arrays: list[np.ndarray | None] = [None] * len(files)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
     try:
-      futures = [pool.submit(_load_one, f, mode, size_hw) for f in files]
+      futures = [pool.submit(load, f, mode, size_hw) for f in files]
       for i, fut in enumerate(futures):
         try:
           arrays[i] = fut.result()
@@ -203,6 +221,11 @@ class ImageFolderSource(ImageSource):
     finally:
       # After an error in "raise" mode, don't decode the rest.
       pool.shutdown(wait=True, cancel_futures=True)
+    if align != "none":
+      self.align_missed = list(aligner.missed)
+      _log.info("aligned %d images (%d from the cache); no face found in %d%s",
+                len(files), aligner.cache_hits, len(aligner.missed),
+                f", e.g. {aligner.missed[0]}" if aligner.missed else "")
     ok = [i for i, a in enumerate(arrays) if a is not None]
     if not ok:
       raise ValueError(f"no readable images under {self.root!r} "

@@ -11,12 +11,20 @@ Run it functionally, as the style transfer code does::
   graphdef, params = nnx.split(model)
   feats = features(graphdef, params, x, "relu5_1")   # pure, jittable
 
+For optimising an image through fixed weights (style transfer), pass
+``grad_kernels=input_grad_kernels(params, conv_impl)``: precomputed kernels
+that make the forward and input-gradient convolutions faster (by default
+Winograd F(4x4, 3x3) from block 2 on, ``jaxface.models.winograd``;
+``conv_impl="xla"`` switches that off).
+
 Weights come from ``jaxface.weights.load_vgg19`` as a ``VGGWeights`` (see
 ``set_weights``); each file format needs its own input preprocessing
 (``preprocess``), carried with the weights.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +35,7 @@ from jaxface.formats.vgg_weights import CAFFE  # noqa: F401  (re-exported)
 from jaxface.formats.vgg_weights import CONV_NAMES
 from jaxface.formats.vgg_weights import TORCH  # noqa: F401  (re-exported)
 from jaxface.formats.vgg_weights import Preprocessing
+from jaxface.models import winograd
 
 BLOCK_DEPTHS = (2, 2, 4, 4, 4)
 BLOCK_WIDTHS = (64, 128, 256, 512, 512)
@@ -95,11 +104,13 @@ class VGG19(nnx.Module):
     Args:
       x: ``[B, H, W, 3] float32``, already preprocessed (``preprocess``).
       last_layer: a name of LAYER_NAMES; later layers are not computed.
-      grad_kernels: optional ``input_grad_kernels(params)`` of this
-        model's weights. Same values; only the gradient w.r.t. ``x`` changes
-        how it is computed (a plain convolution with these precomputed
-        kernels, instead of flipping and transposing every kernel in every
-        backward pass). For optimising the image against fixed weights.
+      grad_kernels: optional ``input_grad_kernels(params, conv_impl)`` of
+        this model's weights, for optimising the image against fixed
+        weights. Same values up to float32 rounding; the convolutions then
+        run as that function chose per layer: XLA's convolution with an
+        input gradient by a precomputed flipped kernel (instead of flipping
+        and transposing every kernel in every backward pass), or Winograd
+        F(4x4, 3x3) forward and backward (``jaxface.models.winograd``).
 
     Returns:
       dict layer name -> ``[B, H / 2**k, W / 2**k, C] float32`` (k pools so
@@ -110,20 +121,18 @@ class VGG19(nnx.Module):
       raise ValueError(f"x: expected [B, H, W, 3], got shape {x.shape}")
     if grad_kernels is not None:
       for name in (n for n in LAYER_NAMES[: stop + 1] if n.startswith("conv")):
-        k = getattr(self, name).kernel
-        want = (*k.shape[:2], k.shape[3], k.shape[2])
-        got = getattr(grad_kernels.get(name), "shape", None)
-        if got != want:
-          raise ValueError(f"grad_kernels[{name!r}]: expected shape {want} (input_grad_kernels), "
-                           f"got {got}")
+        _check_kernels(name, getattr(self, name).kernel.shape, grad_kernels.get(name))
     out = {}
     for name in LAYER_NAMES[: stop + 1]:
       if name.startswith("conv"):
         conv = getattr(self, name)
         if grad_kernels is None:
           x = conv(x)
+        elif WINOGRAD in grad_kernels[name]:
+          ks = grad_kernels[name]
+          x = winograd.conv3x3_vjp(x, ks[WINOGRAD], ks[WINOGRAD_T]) + conv.bias[...]
         else:
-          x = _conv3x3(x, conv.kernel[...], grad_kernels[name]) + conv.bias[...]
+          x = _conv3x3(x, conv.kernel[...], grad_kernels[name][KERNEL_T]) + conv.bias[...]
       elif name.startswith("relu"):
         x = jax.nn.relu(x)
       else:
@@ -187,13 +196,89 @@ def input_grad_kernel(kernel: jax.Array) -> jax.Array:
   return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
 
 
-@jax.jit
-def input_grad_kernels(params: nnx.State) -> dict[str, jax.Array]:
-  """``{conv name: input_grad_kernel(kernel)}`` for every conv of ``nnx.split(model)[1]``.
+# Keys of one layer's entry in input_grad_kernels' result.
+KERNEL_T = "kernel_t"        # [3, 3, Cout, Cin]: XLA convolution, precomputed input-gradient kernel
+WINOGRAD = "winograd"        # [6, 6, Cin, Cout]: Winograd F(4x4, 3x3) transform of the kernel
+WINOGRAD_T = "winograd_t"    # [6, 6, Cout, Cin]: the same of input_grad_kernel(kernel)
 
-  Compute once per set of weights and pass to ``features``.
+CONV_IMPLS = ("auto", "xla", "winograd")
+
+# conv_impl="auto": Winograd everywhere except block 1. Measured per layer
+# (forward + input gradient, 2-core AMD EPYC, 256 and 512 px): block 1's
+# convolutions (3 or 64 channels at full resolution) run slower as Winograd
+# (its tile transforms are memory-bound and touch 2.25x the input there,
+# against little arithmetic saved), every later layer faster (about 2x for
+# 256-512 channels).
+_AUTO_XLA_LAYERS = frozenset({"conv1_1", "conv1_2"})
+
+
+def conv_impls(conv_impl: str = "auto") -> dict[str, str]:
+  """``{conv name: "xla" | "winograd"}``: what ``input_grad_kernels(.., conv_impl)`` uses per layer."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: must be one of {', '.join(CONV_IMPLS)}")
+  if conv_impl != "auto":
+    return {name: conv_impl for name in CONV_NAMES}
+  return {name: "xla" if name in _AUTO_XLA_LAYERS else "winograd" for name in CONV_NAMES}
+
+
+def input_grad_kernels(params: nnx.State, conv_impl: str = "auto", last_layer: str | None = None
+                       ) -> dict[str, dict[str, jax.Array]]:
+  """Precomputed kernels for optimising an image through fixed weights, for every conv of
+  ``nnx.split(model)[1]``; pass the result to ``features`` (``grad_kernels``).
+
+  Args:
+    params: the model's parameters.
+    conv_impl: "xla" (``{KERNEL_T: input_grad_kernel(kernel)}`` per layer:
+      XLA's convolution, input gradient by that kernel), "winograd"
+      (``{WINOGRAD: [6, 6, Cin, Cout], WINOGRAD_T: [6, 6, Cout, Cin]}``
+      float32 per layer, Winograd F(4x4, 3x3) forward and backward; each
+      layer's output is off by up to ~1e-5 of its scale, against ~5e-7 for
+      XLA's convolution), or "auto" (per layer, ``conv_impls``: the faster
+      of the two as measured).
+    last_layer: only the convolutions up to this layer (what ``features``
+      with that ``last_layer`` uses): style transfer to relu5_1 needs
+      neither conv5_2 nor the later ones (about 230 MB of Winograd kernels
+      saved). Default: every convolution.
+
+  Returns:
+    ``{conv name: {key: float32 array}}``. Compute once per set of weights:
+    it holds 32 MB per million weights of Winograd layers (two 6x6
+    transforms of each 3x3 kernel), 4 MB for the others; about 640 MB for
+    VGG19 with "auto".
   """
-  return {name: input_grad_kernel(params[name]["kernel"][...]) for name in CONV_NAMES}
+  impls = conv_impls(conv_impl)
+  if last_layer is not None:
+    stop = layer_index(last_layer)
+    impls = {name: impl for name, impl in impls.items() if layer_index(name) <= stop}
+  return _input_grad_kernels(params, tuple(sorted(impls.items())))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _input_grad_kernels(params, impls):
+  out = {}
+  for name, impl in impls:
+    k = params[name]["kernel"][...]
+    k_t = input_grad_kernel(k)
+    if impl == "xla":
+      out[name] = {KERNEL_T: k_t}
+    else:
+      out[name] = {WINOGRAD: winograd.transform_kernel(k), WINOGRAD_T: winograd.transform_kernel(k_t)}
+  return out
+
+
+def _check_kernels(name: str, kernel_shape, entry) -> None:
+  """ValueError naming ``grad_kernels[name]`` unless it fits a ``[3, 3, Cin, Cout]`` kernel."""
+  _, _, cin, cout = kernel_shape
+  if isinstance(entry, dict) and WINOGRAD in entry:
+    want = {WINOGRAD: (6, 6, cin, cout), WINOGRAD_T: (6, 6, cout, cin)}
+  else:
+    want = {KERNEL_T: (3, 3, cout, cin)}
+  if isinstance(entry, dict):
+    got = {key: getattr(entry.get(key), "shape", None) for key in want}
+  else:
+    got = f"{type(entry).__name__} {getattr(entry, 'shape', '')}".strip()
+  if got != want:
+    raise ValueError(f"grad_kernels[{name!r}]: expected {want} (input_grad_kernels), got {got}")
 
 
 def _pool2x2(x: jax.Array, kind: str) -> jax.Array:

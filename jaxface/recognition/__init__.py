@@ -2,6 +2,8 @@
 
 * :mod:`jaxface.recognition.gallery` -- enrolled identities in SQLite (:class:`Gallery`).
 * :mod:`jaxface.recognition.search` -- jitted, chunked 1:K identification and 1:1 verification.
+* :mod:`jaxface.recognition.sharded_search` -- the same 1:K search with the gallery sharded over
+  devices (``SearchIndex(..., devices=jax.devices())``).
 * :mod:`jaxface.recognition.calibrate` -- thresholds from labeled pairs.
 * :mod:`jaxface.recognition.siamese` -- logistic-regression head on embedding pairs.
 * :mod:`jaxface.recognition.encoders` -- images -> embeddings with an encoder fingerprint.

@@ -20,6 +20,20 @@ Recompilation: compiled shapes are (query bucket, number of chunks, chunk
 rows, D, k); queries are padded to a power of two (>= 8, blocks of at most
 1024 queries, so [Q, C] stays bounded for any Q) and the chunk rows
 to a multiple of 256, so repeated calls against one gallery never recompile.
+
+Several devices: ``SearchIndex(..., devices=jax.devices())`` shards the
+gallery rows over them and merges the per-shard top-k
+(:mod:`jaxface.recognition.sharded_search`), with the same results.
+
+``approx=True`` takes each chunk's candidates with ``jax.lax.approx_max_k``
+instead of ``lax.top_k``. On TPU that is the partial-reduce approximate
+top-k of arXiv:2206.14286, where ``recall_target`` is the expected fraction
+of the true top-k returned (an average under the algorithm's model of
+random placement, not a per-query bound). On CPU and GPU, JAX lowers the op
+to an exact sort ("fallback"), so the results equal the exact search
+(recall 1.0, measured on CPU: 1e5 x 128 gallery, k = 5); it is only useful
+there for testing the option. The exact distances of the returned rows are
+recomputed either way.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["SearchIndex", "identify", "verify", "brute_force", "distinct_candidates",
-           "DEFAULT_CHUNK"]
+           "scan_topk", "layout", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 65536
 _ROW_MULTIPLE = 256
@@ -81,23 +95,34 @@ def _query_bucket(q: int) -> int:
   return max(_MIN_QUERY_BUCKET, 1 << max(0, (q - 1).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _search_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k: int
-                   ) -> tuple[jax.Array, jax.Array]:
-  """k nearest gallery rows of each query.
+def _check_recall(recall_target: Any) -> float:
+  if isinstance(recall_target, bool) or not isinstance(recall_target, (int, float, np.floating)) \
+      or not 0.0 < float(recall_target) <= 1.0:
+    raise ValueError(f"recall_target: expected a number in (0, 1], got {recall_target!r}")
+  return float(recall_target)
+
+
+def scan_topk(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k: int, *,
+              approx: bool = False, recall_target: float = 0.95
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Chunked running top-k of one gallery (a pure function, traced inside jit/shard_map).
 
   Args:
     queries: [Q, D] float32.
     chunks: [n, C, D] float32 gallery, padded rows anywhere after the real ones.
     sq_norms: [n, C] float32 ||g||^2, +inf on padded rows (so they never win).
     k: static number of neighbours.
+    approx: take each chunk's candidates with ``jax.lax.approx_max_k`` (TPU's
+      partial-reduce op; other backends lower it to an exact sort) instead
+      of ``jax.lax.top_k``.
+    recall_target: ``approx_max_k``'s expected recall (ignored unless approx).
 
   Returns:
-    (index [Q, k] int32 global gallery rows, dist [Q, k] float32 Euclidean,
-    ascending); rows beyond the gallery come back as +inf distance.
+    (d2 [Q, k] float32 norm-expansion squared distances, ascending, ties ->
+    lower row; row [Q, k] int32 rows of ``chunks.reshape(-1, D)``; exact
+    [Q, k] float32 Euclidean distances of those rows recomputed from
+    differences, +inf where d2 is +inf), not re-sorted by ``exact``.
   """
-  global trace_count
-  trace_count += 1
   num_chunks, rows, dim = chunks.shape
   q_sq = jnp.sum(queries * queries, axis=1, keepdims=True)              # [Q, 1]
   kc = min(k, rows)
@@ -107,7 +132,10 @@ def _search_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k
     g, g_sq, base = xs                                                  # [C, D], [C], []
     dots = jnp.matmul(queries, g.T, precision=jax.lax.Precision.HIGHEST)
     d2 = q_sq - 2.0 * dots + g_sq[None, :]                              # [Q, C]; +inf on pads
-    neg, idx = jax.lax.top_k(-d2, kc)
+    if approx:
+      neg, idx = jax.lax.approx_max_k(-d2, kc, recall_target=recall_target)
+    else:
+      neg, idx = jax.lax.top_k(-d2, kc)
     cand_d = jnp.concatenate([best_d, -neg], axis=1)
     cand_i = jnp.concatenate([best_i, idx.astype(jnp.int32) + base], axis=1)
     neg2, pick = jax.lax.top_k(-cand_d, k)
@@ -117,26 +145,77 @@ def _search_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k
   init = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.zeros((q, k), jnp.int32))
   bases = jnp.arange(num_chunks, dtype=jnp.int32) * rows
   (approx_d, index), _ = jax.lax.scan(step, init, (chunks, sq_norms, bases))
-  # Exact distances of the winners from differences, then a stable re-sort.
+  # Exact distances of the winners from differences.
   flat = chunks.reshape(num_chunks * rows, dim)
   diff = queries[:, None, :] - flat[index]                              # [Q, k, D]
   exact = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
   exact = jnp.where(jnp.isinf(approx_d), jnp.inf, exact)
+  return approx_d, index, exact
+
+
+@functools.partial(jax.jit, static_argnames=("k", "approx", "recall_target"))
+def _search_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k: int,
+                   approx: bool = False, recall_target: float = 0.95
+                   ) -> tuple[jax.Array, jax.Array]:
+  """k nearest gallery rows of each query (see :func:`scan_topk` for the arguments).
+
+  Returns:
+    (index [Q, k] int32 global gallery rows, dist [Q, k] float32 Euclidean,
+    ascending); rows beyond the gallery come back as +inf distance.
+  """
+  global trace_count
+  trace_count += 1
+  _, index, exact = scan_topk(queries, chunks, sq_norms, k, approx=approx,
+                              recall_target=recall_target)
   order = jnp.argsort(exact, axis=1, stable=True)
   return (jnp.take_along_axis(index, order, axis=1), jnp.take_along_axis(exact, order, axis=1))
 
 
+def layout(emb: np.ndarray, chunk: int, num_chunks: int | None = None, rows: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Pads [M, D] float32 into chunks: ([n, C, D] float32, [n, C] float32 ||g||^2, +inf on pads).
+
+  ``num_chunks`` / ``rows`` force the layout (the sharded index gives every
+  shard the same one); by default n = ceil(M / chunk) even chunks, rounded up
+  to a lane-friendly multiple of 256 rows (< 256 wasted rows per chunk).
+  """
+  m, dim = emb.shape
+  if num_chunks is None:
+    num_chunks = max(1, math.ceil(m / chunk))
+  if rows is None:
+    rows = _round_up(max(1, math.ceil(m / num_chunks)), _ROW_MULTIPLE)
+  padded = np.zeros((num_chunks * rows, dim), np.float32)
+  padded[:m] = emb
+  sq = np.full((num_chunks * rows,), np.inf, np.float32)
+  sq[:m] = np.einsum("md,md->m", emb, emb)
+  return padded.reshape(num_chunks, rows, dim), sq.reshape(num_chunks, rows)
+
+
 class SearchIndex:
-  """A gallery laid out on the device for repeated :meth:`identify` calls.
+  """A gallery laid out on the device(s) for repeated :meth:`identify` calls.
 
   Args:
     embeddings: [M, D] float gallery embeddings (M >= 1).
     identity_ids: [M] int identity of each row.
     chunk: maximum rows per scanned chunk (>= 1); bounds the [Q, chunk]
-      distance block held in memory.
+      distance block held in memory (per device when sharded).
+    devices: None (the default device), or a sequence of distinct devices
+      (e.g. ``jax.devices()``): the gallery rows are then split into
+      ``len(devices)`` contiguous shards on a ``("data",)`` mesh, each device
+      scans its shard and the per-shard top-k are merged
+      (:mod:`jaxface.recognition.sharded_search`); same results as one device.
+    approx: pick each chunk's candidates with ``jax.lax.approx_max_k``
+      (faster on TPU, where it may miss true neighbours; on CPU and GPU JAX
+      lowers it to an exact sort, so recall is 1). The exact distances of the
+      returned rows are still recomputed; ties are not guaranteed to go to
+      the lower row.
+    recall_target: ``approx_max_k``'s expected fraction of the true top
+      neighbours returned (an average under its random-placement model, not a
+      per-query guarantee); ignored unless ``approx``.
   """
 
-  def __init__(self, embeddings: Any, identity_ids: Any, *, chunk: int = DEFAULT_CHUNK):
+  def __init__(self, embeddings: Any, identity_ids: Any, *, chunk: int = DEFAULT_CHUNK,
+               devices: Any = None, approx: bool = False, recall_target: float = 0.95):
     if np.ndim(embeddings) == 2 and np.shape(embeddings)[0] == 0:
       raise ValueError("gallery_emb: the gallery is empty; enroll at least one face first")
     emb = _check_matrix(embeddings, "gallery_emb")
@@ -147,19 +226,32 @@ class SearchIndex:
       raise ValueError(f"gallery_ids: expected integer ids, got dtype {ids.dtype}")
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
       raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
-    m, dim = emb.shape
-    num_chunks = math.ceil(m / chunk)
-    # Even chunks, rounded to a lane-friendly multiple, waste < 256 rows per chunk.
-    rows = _round_up(math.ceil(m / num_chunks), _ROW_MULTIPLE)
-    padded = np.zeros((num_chunks * rows, dim), np.float32)
-    padded[:m] = emb
-    sq = np.full((num_chunks * rows,), np.inf, np.float32)
-    sq[:m] = np.einsum("md,md->m", emb, emb)
-    self.size = m
-    self.dim = dim
+    if not isinstance(approx, (bool, np.bool_)):
+      raise ValueError(f"approx: expected a bool, got {approx!r}")
+    self.approx = bool(approx)
+    self.recall_target = _check_recall(recall_target)
+    self.size, self.dim = emb.shape
     self.ids = ids.astype(np.int64)
-    self._chunks = jax.device_put(padded.reshape(num_chunks, rows, dim))
-    self._sq_norms = jax.device_put(sq.reshape(num_chunks, rows))
+    self.mesh = None
+    if devices is None:
+      chunks, sq = layout(emb, int(chunk))
+      self._chunks = jax.device_put(chunks)
+      self._sq_norms = jax.device_put(sq)
+    else:
+      from jaxface.recognition import sharded_search  # noqa: PLC0415 -- it imports this module
+      self.mesh = sharded_search.make_mesh(devices)
+      self._chunks, self._sq_norms, self._shard_rows = sharded_search.place(emb, int(chunk), self.mesh)
+      self._replicated = sharded_search.replicated(self.mesh)
+
+  def _kernel(self, block: np.ndarray, k: int) -> tuple[jax.Array, jax.Array]:
+    if self.mesh is None:
+      return _search_kernel(jnp.asarray(block), self._chunks, self._sq_norms, k,
+                            self.approx, self.recall_target)
+    from jaxface.recognition import sharded_search  # noqa: PLC0415
+    return sharded_search.sharded_kernel(
+        jax.device_put(block, self._replicated), self._chunks, self._sq_norms, k=k,
+        approx=self.approx, recall_target=self.recall_target, shard_rows=self._shard_rows,
+        mesh=self.mesh)
 
   def search(self, queries: Any, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """k nearest gallery rows: (row index [Q, k] int64, distance [Q, k] float32).
@@ -177,7 +269,7 @@ class SearchIndex:
       bucket = _query_bucket(num_q)
       if bucket != num_q:
         block = np.concatenate([block, np.zeros((bucket - num_q, self.dim), np.float32)])
-      index, dist = _search_kernel(jnp.asarray(block), self._chunks, self._sq_norms, k)
+      index, dist = self._kernel(block, k)
       blocks_i.append(np.asarray(index)[:num_q].astype(np.int64))
       blocks_d.append(np.asarray(dist)[:num_q])
     index = np.concatenate(blocks_i)
@@ -215,14 +307,16 @@ def _check_threshold(threshold: Any, size: int) -> np.ndarray:
 
 
 def identify(queries: Any, gallery_emb: Any, gallery_ids: Any, *, k: int = 5, threshold: Any,
-             chunk: int = DEFAULT_CHUNK) -> dict[str, np.ndarray]:
+             chunk: int = DEFAULT_CHUNK, devices: Any = None, approx: bool = False,
+             recall_target: float = 0.95) -> dict[str, np.ndarray]:
   """1:K identification with "not recognized".
 
   Args:
     queries: [Q, D] float query embeddings.
     gallery_emb: [M, D] float gallery embeddings, or a :class:`SearchIndex`
-      (then ``gallery_ids`` may be None and ``chunk`` is ignored); build the
-      index once when searching the same gallery repeatedly.
+      (then ``gallery_ids`` may be None and ``chunk``, ``devices``, ``approx``
+      and ``recall_target`` are ignored); build the index once when searching
+      the same gallery repeatedly.
     gallery_ids: [M] int identity id of each gallery row.
     k: number of nearest gallery rows returned per query (rows, not distinct
       identities: see :func:`distinct_candidates`).
@@ -230,6 +324,8 @@ def identify(queries: Any, gallery_emb: Any, gallery_ids: Any, *, k: int = 5, th
       row (per-identity thresholds expanded to rows). A query is recognized
       when its nearest row is within that row's threshold.
     chunk: rows per scanned gallery chunk.
+    devices, approx, recall_target: see :class:`SearchIndex` (sharding the
+      gallery over several devices; approximate per-chunk top-k).
 
   Returns:
     dict with ``ids`` [Q, k] int64 identity of each candidate (-1 where
@@ -245,7 +341,8 @@ def identify(queries: Any, gallery_emb: Any, gallery_ids: Any, *, k: int = 5, th
   if isinstance(gallery_emb, SearchIndex):
     index = gallery_emb
   else:
-    index = SearchIndex(gallery_emb, gallery_ids, chunk=chunk)
+    index = SearchIndex(gallery_emb, gallery_ids, chunk=chunk, devices=devices, approx=approx,
+                        recall_target=recall_target)
   return index.identify(queries, k=k, threshold=threshold)
 
 

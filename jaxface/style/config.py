@@ -18,7 +18,14 @@ INITS = ("noise", "content", "content_noise")
 COLOR_MODES = ("none", "luminance", "histogram")
 
 # Keys a resumed run may change without starting over.
-RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "snapshot_every", "max_to_keep")
+# num_devices only moves images between devices (results equal up to float
+# rounding; bitwise equal when resumed with the same value), and runs saved
+# before the field existed must still resume. Likewise the process layout
+# (jax.distributed): the same images, on other devices.
+RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "snapshot_every", "max_to_keep", "num_devices",
+                     "conv_impl",  # float rounding only (Winograd vs direct convolution)
+                     "distributed", "coordinator_address", "num_processes", "process_id")
+DISTRIBUTED = ("off", "on", "auto")
 
 
 def _split(text: str) -> list[str]:
@@ -40,6 +47,7 @@ class NSTConfig:
   # --- network and costs
   weights: str = ""                       # VGG19 weight file (.h5/.pth/.mat); empty: converted weights in the cache, else random
   pooling: str = "max"                    # max | avg
+  conv_impl: str = "auto"                 # auto (measured per layer) | xla | winograd: VGG19 3x3 convolutions (jaxface.models.vgg19.input_grad_kernels)
   content_layer: str = "relu4_2"
   style_layers: str = "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1"
   style_layer_weights: str = ""           # lambda_l per style layer, comma-separated (default 1/L each)
@@ -53,6 +61,12 @@ class NSTConfig:
   init: str = "content"                   # noise | content | content_noise
   noise_ratio: float = 0.3                # content_noise: (1 - r) content + r uniform noise
   seed: int = 0
+  num_devices: int = 1                    # devices the content batch is split over (0 = all); must divide the number of content images
+  # --- several processes (jaxface.parallel.distributed; multi-host: pass --num_devices=0)
+  distributed: str = "off"                # off | on | auto: jax.distributed.initialize (multi-process)
+  coordinator_address: str = ""           # host:port of process 0 ("" = detect: TPU pod, SLURM, ...)
+  num_processes: int = 0                  # with --coordinator_address: number of processes
+  process_id: int = -1                    # with --coordinator_address: this process's rank
   # --- bookkeeping
   log_every: int = 20
   checkpoint_every: int = 100
@@ -160,6 +174,8 @@ class NSTConfig:
       bad("init", f"must be one of {', '.join(INITS)}")
     if self.preserve_color not in COLOR_MODES:
       bad("preserve_color", f"must be one of {', '.join(COLOR_MODES)}")
+    if self.conv_impl not in vgg19.CONV_IMPLS:
+      bad("conv_impl", f"must be one of {', '.join(vgg19.CONV_IMPLS)}")
     if self.pooling not in vgg19.POOLINGS:
       bad("pooling", f"must be one of {', '.join(vgg19.POOLINGS)}")
     if self.size < 8 or self.size > 4096:
@@ -173,6 +189,10 @@ class NSTConfig:
         bad(name, "must be >= 1")
     if self.snapshot_every < 0:
       bad("snapshot_every", "must be >= 0")
+    if self.num_devices < 0:
+      bad("num_devices", "must be >= 0 (0 = all devices)")
+    if self.distributed not in DISTRIBUTED:
+      bad("distributed", f"must be one of {', '.join(DISTRIBUTED)}")
     return self
 
   def to_dict(self) -> dict:

@@ -14,6 +14,12 @@ Run state (checkpointed with ``jaxface.checkpointing``): ``image``,
 ``bad_step``. Everything else is a deterministic function of the config, so a
 run killed at any point resumes to bitwise the same images as an uninterrupted
 one (same machine and XLA build).
+
+Several processes (``jax.distributed``): every process runs ``run`` with the
+same config; the batch is split over the devices of all processes
+(jaxface.style.sharding), every process takes part in checkpointing (orbax
+coordinates them), and process 0 alone prints and writes ``config.json``,
+``train_log.jsonl``, snapshots, the stylised PNGs and ``result.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from jaxface import checkpointing
 from jaxface.losses import style as costs
 from jaxface.models import vgg19
 from jaxface.style import images as images_lib
+from jaxface.style import sharding as sharding_lib
 from jaxface.style.config import RESUMABLE_CHANGES, NSTConfig
 
 log = logging.getLogger(__name__)
@@ -166,11 +173,15 @@ def make_optimizer(cfg: NSTConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.learning_rate)
 
 
-def make_image_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
-  """``cost(image [H, W, 3], vgg, content_act [h, w, c], grams {layer: [c, c]}) -> (J, terms)``.
+def make_batch_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
+  """``cost(images [B, H, W, 3], vgg, content_acts [B, h, w, c], grams {layer: [c, c]})
+  -> (J [B], terms)``.
 
-  One image (the step vmaps it). ``terms`` holds the unweighted
-  ``content``, ``style`` and ``tv`` costs, scalar float32.
+  Each image's cost depends on that image only (VGG19 has no batch
+  statistics), so the gradient of ``sum(J)`` is every image's own gradient:
+  the whole batch goes through the network as one ``[B, ...]`` array (one
+  large convolution per layer instead of B vmapped ones). ``terms`` holds
+  the unweighted ``content``, ``style`` and ``tv`` costs, ``[B]`` float32.
   """
   lambdas = cfg.style_lambdas()
   layer, last = cfg.content_layer, cfg.last_layer()
@@ -178,18 +189,33 @@ def make_image_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
   luminance = cfg.preserve_color == "luminance"
   yiq_y = jnp.asarray(images_lib.RGB_TO_Y, jnp.float32)
 
-  def cost(image, vgg, content_act, grams, grad_kernels=None):
-    seen = image
+  def cost(images, vgg, content_acts, grams, grad_kernels=None):
+    seen = images
     if luminance:
       # Luminance-only transfer: the network sees Y in all three channels;
       # the colour comes from the content image when saving.
-      seen = jnp.broadcast_to((image @ yiq_y)[..., None], image.shape)
-    feats = vgg19.features(graphdef, vgg, vgg19.preprocess(seen[None], prep), last, grad_kernels)
-    j_content = costs.content_cost(content_act, feats[layer][0], normalize=cfg.content_normalize)
-    j_style = costs.style_cost(grams, {n: feats[n][0] for n in lambdas}, lambdas)
-    tv = costs.total_variation(image)
+      seen = jnp.broadcast_to((images @ yiq_y)[..., None], images.shape)
+    feats = vgg19.features(graphdef, vgg, vgg19.preprocess(seen, prep), last, grad_kernels)
+    j_content = costs.content_cost(content_acts, feats[layer], normalize=cfg.content_normalize)
+    j_style = costs.style_cost(grams, {n: feats[n] for n in lambdas}, lambdas)
+    tv = costs.total_variation(images)
     j = costs.total_cost(j_content, j_style, tv, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.tv_weight)
     return j, {"content": j_content, "style": j_style, "tv": tv}
+
+  return cost
+
+
+def make_image_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
+  """``cost(image [H, W, 3], vgg, content_act [h, w, c], grams {layer: [c, c]}) -> (J, terms)``.
+
+  One image (``make_batch_cost`` of a batch of one). ``terms`` holds the
+  unweighted ``content``, ``style`` and ``tv`` costs, scalar float32.
+  """
+  batch_cost = make_batch_cost(graphdef, cfg, prep)
+
+  def cost(image, vgg, content_act, grams, grad_kernels=None):
+    j, terms = batch_cost(image[None], vgg, content_act[None], grams, grad_kernels)
+    return j[0], {k: v[0] for k, v in terms.items()}
 
   return cost
 
@@ -202,30 +228,44 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: NST
   optionally with ``"grad_kernels": vgg19.input_grad_kernels(params)`` (as
   ``scale_consts`` makes it: the same step, a faster backward pass).
   Every image of ``state["image"] [B, H, W, 3]`` takes one optimizer step
-  (vmapped: own optimizer state, shared style Grams and weights). A step
+  with its own optimizer state (shared style Grams and weights): Adam runs
+  the whole batch through VGG19 at once (``make_batch_cost``), L-BFGS one
+  image at a time (vmapped; its line search needs each image's own cost). A step
   whose cost is not finite leaves the state as it was and records its number
   in ``state["bad_step"]``; the host stops at the next log step. Metrics
   (``train/loss``, ``train/content``, ``train/style``, ``train/tv``) are
   means over the batch. Jitted with the state donated unless ``jit=False``.
   """
   cost = make_image_cost(graphdef, cfg, prep)
+  batch_cost = make_batch_cost(graphdef, cfg, prep)
   lbfgs = cfg.optimizer == "lbfgs"
 
-  def one(image, opt_state, content_act, vgg, grams, grad_kernels):
+  def one_lbfgs(image, opt_state, content_act, vgg, grams, grad_kernels):
+    # L-BFGS's line search evaluates each image's own cost: one image at a time.
     fn = lambda im: cost(im, vgg, content_act, grams, grad_kernels)
     (j, terms), grad = jax.value_and_grad(fn, has_aux=True)(image)
-    if lbfgs:
-      updates, new_opt = tx.update(grad, opt_state, image, value=j, grad=grad,
-                                   value_fn=lambda im: fn(im)[0])
-      new_image = optax.apply_updates(image, updates)
-    else:
-      updates, new_opt = tx.update(grad, opt_state, image)
-      # Projected Adam: pixels stay displayable, as in crowsonkb/style-transfer-pytorch.
-      new_image = jnp.clip(optax.apply_updates(image, updates), 0.0, 1.0)
+    updates, new_opt = tx.update(grad, opt_state, image, value=j, grad=grad,
+                                 value_fn=lambda im: fn(im)[0])
+    new_image = optax.apply_updates(image, updates)
     ok = jnp.isfinite(j) & jnp.all(jnp.isfinite(new_image))
     return new_image, new_opt, j, terms, ok
 
-  batched = jax.vmap(one, in_axes=(0, 0, 0, None, None, None))
+  def adam_one(grad, opt_state, image):
+    updates, new_opt = tx.update(grad, opt_state, image)
+    # Projected Adam: pixels stay displayable, as in crowsonkb/style-transfer-pytorch.
+    return jnp.clip(optax.apply_updates(image, updates), 0.0, 1.0), new_opt
+
+  def batched(images, opt_state, content_acts, vgg, grams, grad_kernels):
+    if lbfgs:
+      return jax.vmap(one_lbfgs, in_axes=(0, 0, 0, None, None, None))(
+          images, opt_state, content_acts, vgg, grams, grad_kernels)
+    # The batch's costs are independent: d sum(J) / d image_b = d J_b / d image_b.
+    total = lambda ims: (lambda j, t: (jnp.sum(j), (j, t)))(
+        *batch_cost(ims, vgg, content_acts, grams, grad_kernels))
+    (_, (j, terms)), grad = jax.value_and_grad(total, has_aux=True)(images)
+    new_images, new_opt = jax.vmap(adam_one)(grad, opt_state, images)
+    ok = jnp.isfinite(j) & jnp.all(jnp.isfinite(new_images), axis=(1, 2, 3))
+    return new_images, new_opt, j, terms, ok
 
   def step(state: State, consts: dict) -> tuple[State, dict]:
     new_image, new_opt, j, terms, ok = batched(state["image"], state["opt_state"],
@@ -270,9 +310,16 @@ def make_targets(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
   return content_fn, gram_fn
 
 
-def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targets) -> dict:
+def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targets,
+                 mesh=None, grad_kernels=None) -> dict:
   """Constants of scale ``k``: weights (and their input-gradient kernels), content activations,
   blended style Grams.
+
+  With a ``mesh`` the content activations are computed where they are used:
+  the content batch and a replicated copy of ``vgg`` are placed on the mesh
+  first, so each device runs the forward pass on its own images only.
+  ``grad_kernels``: ``vgg19.input_grad_kernels(vgg)`` when already computed
+  (they depend on the weights only; a run computes them once, not per scale).
 
   A style image of another size than the output has Grams summed over another
   number of positions; each is rescaled by ``(nH nW)_generated / (nH nW)_style``
@@ -293,8 +340,15 @@ def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targe
     per_style.append(grams)
   blended = {n: costs.blend_grams([g[n] for g in per_style], problem.blend)
              for n in per_style[0]}
-  return {"vgg": vgg, "content": content_fn(vgg, jnp.asarray(contents)), "grams": blended,
-          "grad_kernels": vgg19.input_grad_kernels(vgg)}
+  if grad_kernels is None:
+    grad_kernels = vgg19.input_grad_kernels(vgg, cfg.conv_impl, cfg.last_layer())
+  if mesh is None:
+    content = content_fn(vgg, jnp.asarray(contents))
+  else:
+    rep = sharding_lib.replicated(mesh)
+    vgg = jax.tree.map(lambda x: sharding_lib.place(x, rep), vgg)
+    content = content_fn(vgg, sharding_lib.place(contents, sharding_lib.batch_sharding(mesh)))
+  return {"vgg": vgg, "content": content, "grams": blended, "grad_kernels": grad_kernels}
 
 
 # --------------------------------------------------------------------------- state
@@ -389,25 +443,31 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
       ``result.json``.
     stop_after: stop (checkpointed) once this global step is reached, as a
       pre-empted job would.
-    printer: where progress lines go.
+    printer: where progress lines go (process 0's; the other processes of a
+      multi-process run are silent).
 
   Returns:
     ``{"outputs": [paths], "final": {metric: value}, "steps": n, "images":
-    [B, H, W, 3] float32}`` (the optimised images before colour restoration),
-    or ``{}`` when stopped early.
+    [B, H, W, 3] float32}`` (the optimised images before colour restoration;
+    the whole batch on every process), or ``{}`` when stopped early.
   """
   problem = prepare(cfg)
+  # Checked before any compute: enough devices, batch a multiple of them.
+  mesh = sharding_lib.make_mesh(cfg.num_devices, len(problem.contents))
+  if jax.process_index() != 0:
+    printer = lambda s: None  # one process speaks for all
   weights = load_weights(cfg, printer)
   graphdef, vgg, prep, source = build_network(cfg, weights)
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(cfg)
-  step_fn = make_step(graphdef, tx, cfg, prep)
+  step_fn = (make_step(graphdef, tx, cfg, prep) if mesh is None else
+             sharding_lib.jit_step(make_step(graphdef, tx, cfg, prep, jit=False), mesh))
   targets = make_targets(graphdef, cfg, prep)
   saved_dict = {**cfg.to_dict(), "weights_source": source}
   bounds = scale_bounds(cfg)
   printer(f"style transfer: {len(problem.contents)} content image(s), {len(problem.styles)} style "
           f"image(s), scales {' -> '.join(f'{h}x{w}' for h, w in problem.shapes)}, "
-          f"{bounds[-1]} steps, {cfg.optimizer}, weights {source}")
+          f"{bounds[-1]} steps, {cfg.optimizer}, weights {source}, {sharding_lib.describe(mesh)}")
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=cfg.max_to_keep)
   try:
@@ -418,18 +478,20 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
       last = ckpt.latest_step()
       k = scale_of_step(cfg, last)
       b = len(problem.contents)
-      template = new_state(tx, jnp.zeros((b, *problem.shapes[k], 3), jnp.float32), step=0,
-                           scale_index=k, seed=cfg.seed)
+      template = sharding_lib.place_state(
+          new_state(tx, jnp.zeros((b, *problem.shapes[k], 3), jnp.float32), step=0,
+                    scale_index=k, seed=cfg.seed), mesh)
       _, state = ckpt.restore(checkpointing.abstract_like(template))
       if int(state["scale_index"]) != k or int(state["seed"]) != cfg.seed:
         raise checkpointing.CheckpointError(
             f"checkpoint {ckpt.directory}/{last} holds scale {int(state['scale_index'])}, seed "
             f"{int(state['seed'])}; expected scale {k}, seed {cfg.seed}")
       printer(f"resumed from {ckpt.directory}/{last} (scale {k + 1}/{len(problem.shapes)})")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(saved_dict, f, indent=2)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(saved_dict, f, indent=2)
     return _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_dict,
-                 stop_after, printer)
+                 stop_after, printer, mesh)
   finally:
     ckpt.close()
 
@@ -443,19 +505,24 @@ def _check_health(state: State) -> None:
 
 
 def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_dict, stop_after,
-          printer) -> dict:
+          printer, mesh=None) -> dict:
   bounds = scale_bounds(cfg)
   total = bounds[-1]
   n_scales = len(problem.shapes)
   log_path = os.path.join(workdir, "train_log.jsonl")
+  primary = jax.process_index() == 0
   k = 0 if state is None else int(state["scale_index"])
   host: dict = {}
+  grad_kernels = None
   t_start = time.perf_counter()
   while k < n_scales:
-    consts = scale_consts(cfg, problem, k, vgg, targets)
+    consts = sharding_lib.place_consts(
+        scale_consts(cfg, problem, k, vgg, targets, mesh, grad_kernels), mesh)
+    grad_kernels = consts["grad_kernels"]
     if state is None:
       contents, _ = scale_images(cfg, problem, k)
       state = new_state(tx, initial_image(cfg, contents), step=0, scale_index=k, seed=cfg.seed)
+    state = sharding_lib.place_state(state, mesh)  # unchanged without a mesh
     step = int(state["step"])
     h, w = problem.shapes[k]
     t_last, step_last = time.perf_counter(), step
@@ -477,14 +544,16 @@ def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_d
                 f"loss {host['train/loss']:.4g} content {host['train/content']:.4g} "
                 f"style {host['train/style']:.4g} tv {host['train/tv']:.4g}  {rate:.2f} step/s  "
                 f"ETA {_fmt_time(left)}")
-        with open(log_path, "a") as f:
-          f.write(json.dumps({"step": step, "scale": k, **host, "train/steps_per_s": rate}) + "\n")
+        if primary:
+          with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "scale": k, **host, "train/steps_per_s": rate}) + "\n")
       if cfg.snapshot_every and step % cfg.snapshot_every == 0:
         _write_images(cfg, problem, state, k, os.path.join(workdir, "snapshots"), f"step{step:06d}_")
       if step % cfg.checkpoint_every == 0 or is_end:
         _check_health(state)
         # Save a copy: the next step donates the state's buffers while orbax
-        # may still be writing them in the background.
+        # may still be writing them in the background. Every process saves
+        # (orbax coordinates them; each writes the shards it holds).
         ckpt.save(step, jax.tree.map(jnp.copy, state), saved_dict, force=True)
       if stop_after is not None and step >= stop_after:
         ckpt.wait()
@@ -495,20 +564,32 @@ def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_d
     k += 1
   ckpt.wait()
   _check_health(state)
-  outputs = _write_images(cfg, problem, state, n_scales - 1, workdir, "", suffix="_stylized")
+  outputs, images = _write_images(cfg, problem, state, n_scales - 1, workdir, "",
+                                  suffix="_stylized")
   result = {"outputs": outputs, "final": host, "steps": total}
-  with open(os.path.join(workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  result["images"] = np.asarray(jax.device_get(state["image"]))
+  if primary:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  result["images"] = images
   printer(f"done in {time.perf_counter() - t_start:.1f}s: wrote {', '.join(outputs)}")
   return result
 
 
-def _write_images(cfg, problem, state, k, folder, prefix, suffix="") -> list[str]:
-  out = output_image(cfg, problem, jax.device_get(state["image"]), k)
+def _write_images(cfg, problem, state, k, folder, prefix, suffix="") -> tuple[list[str], np.ndarray]:
+  """Writes the current images as PNGs (process 0 only).
+
+  Every process must call it: with several processes the images are gathered
+  from all of them first.
+
+  Returns:
+    The PNG paths, and the images ``[B, H, W, 3] float32`` as optimised.
+  """
+  images = sharding_lib.to_host(state["image"])
+  out = output_image(cfg, problem, images, k)
   written = []
   for img, name in zip(out, problem.content_names):
     path = os.path.join(folder, f"{prefix}{name}{suffix}.png")
-    images_lib.save_png(path, img)
+    if jax.process_index() == 0:
+      images_lib.save_png(path, img)
     written.append(path)
-  return written
+  return written, images

@@ -22,10 +22,24 @@ has a fixed meaning. ``num_steps=0`` evaluates the initial weights (zero-shot).
 
 Options beyond the triplet loss, all off by default: ``cls_weight`` adds a
 CosFace softmax over the training identities (``jaxface.train.heads``),
-``standardize`` standardises each input, ``eval_crops=5`` averages the
+``cls_type="arcface"`` makes that head's margin angular and ``cls_smoothing``
+smooths its labels; ``standardize`` standardises each input, ``eval_crops=5`` averages the
 embeddings of the centre and corner crops, ``ensemble=N`` trains N members
 (seeds seed..seed+N-1, in ``<workdir>/member<i>``) and evaluates their
-concatenated embeddings.
+concatenated embeddings. ``fisher_weight > 0`` evaluates each held-out
+embedding concatenated with that weight times a Fisherfaces projection of its
+pixels fitted on the training identities (``jaxface.train.fisher``).
+``extra_synthetic=N`` appends N procedural identities (``synthetic_images``
+images each, ``jaxface.data.mix``) to the training identities of real data.
+
+Data parallelism (``jaxface.parallel``): the P x K batch is split over
+``num_devices`` devices (0 = all, of all processes). ``mining="global"``
+mines every anchor against the whole global batch, so loss and gradients
+equal one device's on the same batch (BatchNorm statistics are global too);
+``mining="local"`` mines within each device's rows (whole identities: P must
+be a multiple of the device count, >= 2 identities per device), with local
+BatchNorm statistics, and averages losses and gradients over devices.
+``distributed`` starts ``jax.distributed`` for multi-process (multi-host) runs.
 """
 
 from __future__ import annotations
@@ -45,7 +59,15 @@ SPATIAL_RANKS = {1: "signals T", 2: "images H,W", 3: "volumes D,H,W"}
 
 # Keys a resumed run may change without starting over.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every", "eval_batch_size",
-                     "max_to_keep", "roc_png", "eval_flip", "eval_crops")
+                     "max_to_keep", "roc_png", "eval_flip", "eval_crops",
+                     # Evaluation-only: the Fisherfaces fusion is fitted after training.
+                     "fisher_weight", "fisher_pca",
+                     # The global batch and its data stream do not depend on how many
+                     # devices or processes share it (global mining equals one device).
+                     "num_devices", "distributed", "coordinator_address", "num_processes",
+                     "process_id")
+MINING = ("global", "local")
+DISTRIBUTED = ("off", "on", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +82,15 @@ class TripletConfig:
   tfds_data_dir: str = ""
   synthetic_identities: int = 96
   synthetic_images: int = 12              # images per synthetic identity
+  extra_synthetic: int = 0                # > 0: append this many synthetic identities to the training side
   image_size: tuple[int, ...] = (64, 64)  # H,W images are resized to when loaded (rank 1: T, 3: D,H,W)
   crop_size: tuple[int, ...] = (56, 56)   # H,W random (train) / centre (eval) crop (rank 1: T, 3: D,H,W)
   channels: int = 3                       # images: 1 or 3; signals: leads, volumes: modalities (1..12)
   num_holdout: int = 24                   # identities held out for evaluation (last by natural sort)
   holdout_seed: int = -1                  # >= 0: choose held-out identities at random with this seed
   on_bad_image: str = "warn"              # warn (skip and name the file) | raise
+  align: str = "none"                     # folder: none | dlib (aligned chips: pretrained detector + landmarks)
+  align_padding: float = 0.25             # --align=dlib: chip padding (0.25 = eyebrows to chin)
   # --- batches and loss
   P: int = 16                             # identities per batch
   K: int = 4                              # images per identity
@@ -91,6 +116,10 @@ class TripletConfig:
   cls_weight: float = 0.0                 # > 0: add a CosFace softmax loss over the training identities
   cls_margin: float = 0.35                # CosFace additive cosine margin
   cls_scale: float = 16.0                 # CosFace logit scale
+  cls_type: str = "cosface"               # cosface (cosine margin) | arcface (angular margin, radians)
+  cls_smoothing: float = 0.0              # label smoothing of the margin softmax, in [0, 1)
+  fisher_weight: float = 0.0              # > 0: evaluate [embedding, w * Fisherfaces of the pixels] (jaxface.train.fisher)
+  fisher_pca: int = 80                    # principal components before the Fisherfaces LDA
   # --- optimisation
   num_steps: int = 400
   learning_rate: float = 3e-3
@@ -109,6 +138,13 @@ class TripletConfig:
   eval_flip: bool = True                  # embed image + mirror image, average (test-time augmentation)
   eval_crops: int = 1                     # 1: centre crop; 5: centre + 4 corner crops, averaged (images only)
   roc_png: bool = True
+  # --- devices and processes (jaxface.parallel)
+  num_devices: int = 0                    # data-parallel devices: 0 = all (of all processes), 1 = one device
+  mining: str = "global"                  # global: mine over the whole P*K batch; local: within each device's rows
+  distributed: str = "off"                # off | on | auto: jax.distributed.initialize (multi-process)
+  coordinator_address: str = ""           # host:port of process 0 ("" = detect: TPU pod, SLURM, ...)
+  num_processes: int = 0                  # with --coordinator_address: number of processes
+  process_id: int = -1                    # with --coordinator_address: this process's rank
 
   def __post_init__(self):
     # Tuples may arrive as lists (from JSON) or strings (from flags).
@@ -132,6 +168,12 @@ class TripletConfig:
       bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
     if self.on_bad_image not in ("warn", "raise"):
       bad("on_bad_image", "must be warn or raise")
+    if self.align not in ("none", "dlib"):
+      bad("align", "must be none or dlib")
+    if self.align != "none" and self.data != "folder":
+      bad("align", "needs --data=folder")
+    if not 0.0 <= self.align_padding <= 2.0:
+      bad("align_padding", "must be in [0, 2]")
     rank = self.spatial_rank
     if rank not in SPATIAL_RANKS:
       bad("spatial_rank", "must be 1 (signals), 2 (images) or 3 (volumes)")
@@ -192,12 +234,24 @@ class TripletConfig:
       bad("cls_margin", "must be in [0, 1)")
     if not (math.isfinite(self.cls_scale) and self.cls_scale > 0):
       bad("cls_scale", "must be finite and > 0")
+    if self.cls_type not in ("cosface", "arcface"):
+      bad("cls_type", "must be cosface or arcface")
+    if not (math.isfinite(self.cls_smoothing) and 0 <= self.cls_smoothing < 1):
+      bad("cls_smoothing", "must be in [0, 1)")
+    if not (math.isfinite(self.fisher_weight) and self.fisher_weight >= 0):
+      bad("fisher_weight", "must be finite and >= 0 (0: off)")
+    if self.fisher_pca < 1:
+      bad("fisher_pca", "must be >= 1")
     for name in ("log_every", "checkpoint_every", "eval_batch_size",
                  "max_to_keep", "synthetic_identities"):
       if getattr(self, name) < 1:
         bad(name, "must be >= 1")
     if self.synthetic_images < 2:
       bad("synthetic_images", "must be >= 2")
+    if self.extra_synthetic < 0:
+      bad("extra_synthetic", "must be >= 0 (0: off)")
+    if self.extra_synthetic and (self.data == "synthetic" or rank != 2):
+      bad("extra_synthetic", "adds synthetic faces to real 2-D image data (--data=folder or tfds)")
     if self.warmup_steps < 0 or self.eval_every < 0:
       bad("warmup_steps" if self.warmup_steps < 0 else "eval_every", "must be >= 0")
     if self.num_holdout < 2:
@@ -209,6 +263,12 @@ class TripletConfig:
                         f"--spatial_rank={rank}")
     if not 1 <= self.ensemble <= 16:
       bad("ensemble", "must be in 1..16")
+    if self.mining not in MINING:
+      bad("mining", f"must be one of {', '.join(MINING)}")
+    if self.num_devices < 0:
+      bad("num_devices", "must be >= 0 (0: all devices)")
+    if self.distributed not in DISTRIBUTED:
+      bad("distributed", f"must be one of {', '.join(DISTRIBUTED)}")
     if self.init == "dlib":
       if rank != 2:
         bad("init", "dlib's ResNet embeds 2-D images; use --spatial_rank=2")

@@ -9,6 +9,12 @@ The data stream is a pure function of (seed, step) and the augmentation key is
 ``fold_in(seed key, step)``, so a run killed and resumed replays exactly the
 batches an uninterrupted run sees and ends with bitwise-equal parameters on the
 same machine and XLA build.
+
+With several devices (``cfg.num_devices``, ``jaxface.parallel``) the batch is
+sharded over a ``("data",)`` mesh and the state replicated; with several
+processes (``jax.distributed``) each process loads only its rows of every
+batch, all processes checkpoint together, and process 0 alone prints and
+writes files.
 """
 
 from __future__ import annotations
@@ -73,8 +79,14 @@ def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
                                      image_size=size[0], channels=cfg.channels, seed=cfg.seed)
   if cfg.data == "folder":
     from jaxface.data import folder
-    return folder.ImageFolderSource(paths.expand(cfg.data_path), image_size=size,
-                                    channels=cfg.channels, on_error=cfg.on_bad_image)
+    src = folder.ImageFolderSource(paths.expand(cfg.data_path), image_size=size,
+                                   channels=cfg.channels, on_error=cfg.on_bad_image,
+                                   align=cfg.align, align_padding=cfg.align_padding)
+    if cfg.align != "none":
+      print(f"aligned faces (--align={cfg.align}): no face found in {len(src.align_missed)} of "
+            f"{len(src)} images (centre crop used)" + "".join(f"\n  {p}" for p in src.align_missed),
+            flush=True)
+    return src
   from jaxface.data import tfds_source
   return tfds_source.TfdsSource(cfg.tfds_name, split=cfg.tfds_split,
                                 data_dir=paths.expand(cfg.tfds_data_dir) or None,
@@ -95,6 +107,10 @@ def prepare_data(cfg: TripletConfig, source: source_lib.ImageSource | None = Non
     raise ValueError(f"the data has {len(source.identity_names)} identities; training needs >= 2")
   seed = cfg.holdout_seed if cfg.holdout_seed >= 0 else None
   train_src, holdout_src = source_lib.split_by_identity(source, num_holdout=cfg.num_holdout, seed=seed)
+  if cfg.extra_synthetic > 0:
+    from jaxface.data import mix  # procedural identities appended to the training side only
+    train_src = mix.with_synthetic(train_src, cfg.extra_synthetic, cfg.synthetic_images,
+                                   seed=cfg.seed)
   source_lib.validate_pk(train_src, cfg.P, cfg.K)
   sampler = sampler_lib.PKSampler(train_src.labels, cfg.P, cfg.K, seed=cfg.seed)
   return train_src, holdout_src, sampler
@@ -158,12 +174,21 @@ def _split_saved(saved: dict) -> tuple[dict, dict]:
   return saved, extras
 
 
-def _with_sharding(tree):
-  """Restore target whose leaves all carry a sharding (abstractly built leaves have none)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+def _with_sharding(tree, mesh=None):
+  """Restore target whose leaves all carry a sharding (abstractly built leaves have none).
+
+  Without a mesh every leaf lives on the first device; with one, every leaf is
+  replicated over the mesh (every process restores its own copies).
+  """
+  if mesh is None:
+    # local_devices()[0] is devices()[0] in a single process, and addressable in any.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    from jaxface import parallel
+    device = parallel.replicated(mesh)
 
   def leaf(x):
-    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+    if isinstance(x, jax.ShapeDtypeStruct) and (x.sharding is None or mesh is not None):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
     return x
 
@@ -230,8 +255,92 @@ def eval_params(state: State) -> nnx.State:
   return state.get("ema", state["params"])
 
 
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: TripletConfig) -> Callable:
+  """The training loss of one batch (on one device, or global under jit).
+
+  Returns:
+    ``loss_fn(trainable, rest, x, labels) -> (loss, (aux, new_rest, emb))``:
+    ``trainable`` is ``params`` or ``(params, cls)`` with a CosFace head,
+    ``x`` the augmented ``[B, *crop, C] float32`` batch, ``labels`` ``[B]
+    int32``; ``loss`` ``[] float32``, ``aux`` the triplet (and CosFace)
+    metrics, ``new_rest`` the BatchNorm statistics after this batch, ``emb``
+    ``[B, D] float32``.
+  """
+  fwd = model_apply(cfg)
+  use_cls = cfg.cls_weight > 0
+
+  def loss_fn(trainable, rest, x, labels):
+    params = trainable[0] if use_cls else trainable
+    emb, new_rest = fwd(graphdef, params, rest, x, True)
+    loss, aux = triplet_loss(emb, labels, margin=cfg.margin, strategy=cfg.strategy)
+    aux = dict(aux)
+    if use_cls:
+      cls_loss, cls_acc = heads.margin_softmax_loss(
+          emb, trainable[1], labels, kind=cfg.cls_type, margin=cfg.cls_margin,
+          scale=cfg.cls_scale, smoothing=cfg.cls_smoothing)
+      aux["cls_loss"], aux["cls_acc"] = cls_loss, cls_acc
+      loss = loss + cfg.cls_weight * cls_loss
+    return loss, (aux, new_rest, emb)
+
+  return loss_fn
+
+
+def make_grad_fn(graphdef: nnx.GraphDef, cfg: TripletConfig, mesh=None) -> Callable:
+  """Loss, metrics and gradients of one batch, optionally data-parallel on ``mesh``.
+
+  Without a mesh, or with ``cfg.mining == "global"``, this is plain
+  ``value_and_grad`` of :func:`make_loss_fn`; under a jit whose batch is
+  sharded on the mesh's ``"data"`` axis and whose parameters are replicated,
+  XLA partitions the forward pass by rows and gathers what the loss needs,
+  so every anchor is mined against the whole global batch and BatchNorm uses
+  global batch statistics: the result is the one-device result (up to
+  float32 reduction order).
+
+  With ``cfg.mining == "local"`` (and a mesh) each device runs the loss on
+  its own rows only (``shard_map``): triplets are mined within the device's
+  identities, BatchNorm normalises with the device's own batch statistics
+  (as PyTorch DDP without SyncBatchNorm), and the loss is the mean of the
+  per-device losses, whose gradient is the mean of the per-device gradients.
+  The new BatchNorm running statistics and the metrics are device means
+  (``num_valid``: a sum).
+
+  Returns:
+    ``grad_fn(trainable, rest, x, labels) -> (loss, aux, new_rest, emb, grads)``
+    with the shapes of :func:`make_loss_fn`; ``grads`` like ``trainable``.
+  """
+  loss_fn = make_loss_fn(graphdef, cfg)
+  if mesh is not None and cfg.mining == "local":
+    from jax.sharding import PartitionSpec as P
+    from jaxface import parallel
+    device_loss_fn = loss_fn
+
+    def per_device(trainable, rest, x, labels):
+      loss, (aux, new_rest, emb) = device_loss_fn(trainable, rest, x, labels)
+      mean = lambda t: jax.tree.map(lambda v: jax.lax.pmean(v, parallel.DATA), t)
+      aux = {k: (jax.lax.psum(v, parallel.DATA) if k == "num_valid" else mean(v))
+             for k, v in aux.items()}
+      return mean(loss), (aux, mean(new_rest), emb)
+
+    rows = P(parallel.DATA)
+    # check_vma=False: per-device (pmap-like) semantics. The triplet loss's
+    # while_loop starts from constants and carries row-dependent values, which
+    # the varying-axes type check rejects; the outputs are made replicated by
+    # the pmeans above, and the gradient of the replicated inputs is the sum
+    # of per-device cotangents, i.e. the mean of per-device gradients
+    # (tests/test_parallel_triplet.py checks it against separate per-shard runs).
+    loss_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), rows, rows),
+                            out_specs=(P(), (P(), P(), rows)), check_vma=False)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(trainable, rest, x, labels):
+    (loss, (aux, new_rest, emb)), grads = value_and_grad(trainable, rest, x, labels)
+    return loss, aux, new_rest, emb, grads
+
+  return grad_fn
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    cfg: TripletConfig) -> Callable[[State, dict], tuple[State, dict]]:
+                    cfg: TripletConfig, mesh=None) -> Callable[[State, dict], tuple[State, dict]]:
   """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
   ``batch`` is ``{"images": [P*K, H, W, C] uint8, "labels": [P*K] int32}``
@@ -240,10 +349,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   or gradients are not finite leaves the state as it was and records its
   number in ``state["bad_step"]``; the host stops at the next log step, so a
   NaN never reaches the parameters or a checkpoint.
+
+  With a ``mesh`` (``jaxface.parallel.make_mesh``) the batch is sharded over
+  its ``"data"`` axis, the state is replicated (in and out) and
+  ``cfg.mining`` picks global or per-device mining (:func:`make_grad_fn`).
+  Augmentation is computed on the global batch either way: its random
+  numbers do not depend on the sharding (threefry is partitionable).
   """
   crop = tuple(cfg.crop_size)
-  fwd = model_apply(cfg)
   use_cls = "cls" if cfg.cls_weight > 0 else None
+  grad_fn = make_grad_fn(graphdef, cfg, mesh)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -251,21 +366,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                             flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast,
                             scale=cfg.scale, rotate=cfg.rotate, erase=cfg.erase,
                             noise=cfg.noise)
-
-    def loss_fn(trainable):
-      params = trainable[0] if use_cls else trainable
-      emb, new_rest = fwd(graphdef, params, state["rest"], x, True)
-      loss, aux = triplet_loss(emb, batch["labels"], margin=cfg.margin, strategy=cfg.strategy)
-      aux = dict(aux)
-      if use_cls:
-        cls_loss, cls_acc = heads.cosface_loss(emb, trainable[1], batch["labels"],
-                                               margin=cfg.cls_margin, scale=cfg.cls_scale)
-        aux["cls_loss"], aux["cls_acc"] = cls_loss, cls_acc
-        loss = loss + cfg.cls_weight * cls_loss
-      return loss, (aux, new_rest, emb)
-
     trainable = (state["params"], state["cls"]) if use_cls else state["params"]
-    (loss, (aux, new_rest, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    loss, aux, new_rest, emb, grads = grad_fn(trainable, state["rest"], x, batch["labels"])
     updates, new_opt = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     new_params = new_trainable[0] if use_cls else new_trainable
@@ -306,7 +408,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       metrics["train/cls_acc"] = aux["cls_acc"]
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  from jaxface import parallel
+  replicated = parallel.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
@@ -384,6 +491,8 @@ def evaluate_embeddings(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: T
   """Metrics of ``[N, D] float32`` held-out embeddings; writes metrics.json and roc.png to ``workdir``."""
   if not np.all(np.isfinite(emb)):
     raise TrainingError("held-out embeddings are not finite")
+  if cfg.fisher_weight > 0:
+    emb = _fuse_fisherfaces(emb, holdout, cfg)
   results, roc = metrics_lib.evaluate_embeddings(emb, holdout.labels, seed=cfg.seed)
   # NaN (e.g. TAR at a FAR finer than 1/#negative pairs) is stored as JSON null.
   results = {k: (float(v) if np.isfinite(v) else None) for k, v in results.items()}
@@ -398,26 +507,53 @@ def evaluate_embeddings(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: T
   return results
 
 
+def _fuse_fisherfaces(emb: np.ndarray, holdout: source_lib.ImageSource,
+                      cfg: TripletConfig) -> np.ndarray:
+  """``[N, D]`` -> ``[N, D + k]``: appends ``cfg.fisher_weight`` times the Fisherfaces projection
+  (fitted on the training identities' images, reloaded from ``cfg``, with ``extra_synthetic``
+  the synthetic ones too) of each held-out image."""
+  from jaxface.train import fisher
+  train_src, check = prepare_data(cfg)[:2]
+  if list(check.identity_names) != list(holdout.identity_names) or len(check) != len(holdout):
+    raise ValueError("--fisher_weight: the training split reloaded from the config does not "
+                     "match the held-out identities being evaluated")
+  return fisher.fuse(emb, train_src.get(np.arange(len(train_src))), train_src.labels,
+                     holdout.get(np.arange(len(holdout))), weight=cfg.fisher_weight,
+                     num_pca=cfg.fisher_pca)
+
+
 # --------------------------------------------------------------------------- loop
 
 
 class _Batches:
-  """Host-side batch assembly, one step ahead in a thread so decoding overlaps compute."""
+  """Host-side batch assembly, one step ahead in a thread so decoding overlaps compute.
 
-  def __init__(self, source, sampler):
+  With a mesh, this process loads only its rows of each global batch (the
+  sampler gives every process the same global indices) and the rows are
+  assembled into one batch-sharded global array.
+  """
+
+  def __init__(self, source, sampler, mesh=None):
     from concurrent.futures import ThreadPoolExecutor
-    self.source, self.sampler = source, sampler
+    self.source, self.sampler, self.mesh = source, sampler, mesh
+    self.rows = slice(None)
+    if mesh is not None:
+      from jaxface import parallel
+      self.rows = parallel.process_rows(mesh, sampler.batch_size)
     self.pool = ThreadPoolExecutor(max_workers=1)
     self.pending: dict[int, Any] = {}
 
   def _make(self, step: int) -> dict:
-    idx = self.sampler.batch_indices(step)
+    idx = self.sampler.batch_indices(step)[self.rows]
     return {"images": self.source.get(idx), "labels": self.source.labels[idx].astype(np.int32)}
 
   def get(self, step: int) -> dict:
     fut = self.pending.pop(step, None)
     batch = fut.result() if fut is not None else self._make(step)
     self.pending[step + 1] = self.pool.submit(self._make, step + 1)
+    if self.mesh is not None:
+      from jaxface import parallel
+      batch = parallel.global_batch(self.mesh, batch, self.sampler.batch_size)
     return batch
 
   def close(self):
@@ -445,13 +581,64 @@ def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
     The final ``eval/...`` metrics (empty when stopped early).
   """
   cfg.validate()
+  mesh = resolve_mesh(cfg)
+  if jax.process_index() != 0:
+    printer = lambda s: None  # one process speaks for all
   if cfg.ensemble > 1:
-    return _run_ensemble(cfg, workdir, stop_after, printer)
-  return _run_single(cfg, workdir, stop_after, printer, {})
+    return _run_ensemble(cfg, workdir, stop_after, printer, mesh)
+  return _run_single(cfg, workdir, stop_after, printer, {}, mesh=mesh)
+
+
+def check_parallel_batch(cfg: TripletConfig, num_devices: int) -> None:
+  """Checks that the P x K batch splits over ``num_devices`` devices as ``cfg.mining`` needs.
+
+  Global mining needs P*K rows to split evenly. Local mining mines within
+  each device's rows, so each device must hold whole identities: the sampler
+  lays the batch out identity-major (K rows per identity), so P must be a
+  multiple of the device count, and each device needs >= 2 identities to
+  have negatives.
+
+  Raises:
+    ValueError: naming --P/--K, the device count and the fix.
+  """
+  n = int(num_devices)
+  if n <= 1:
+    return
+  if cfg.mining == "local":
+    if cfg.P % n:
+      raise ValueError(
+          f"--P={cfg.P}: --mining=local gives each of the {n} devices whole identities, so P "
+          f"must be a multiple of {n} (or use --mining=global, or fewer --num_devices)")
+    if cfg.P // n < 2:
+      raise ValueError(
+          f"--P={cfg.P}: --mining=local on {n} devices leaves {cfg.P // n} identity per device, "
+          f"so no negatives; use P >= {2 * n} or --mining=global")
+  elif (cfg.P * cfg.K) % n:
+    raise ValueError(f"--P={cfg.P} x --K={cfg.K} = {cfg.P * cfg.K} images per batch do not split "
+                     f"evenly over {n} devices; make P*K a multiple of {n} or set --num_devices")
+
+
+def resolve_mesh(cfg: TripletConfig):
+  """The data-parallel mesh of ``cfg.num_devices``, or None for the one-device path.
+
+  One device in one process (``--num_devices=1``, or 0 on a one-device
+  machine) keeps the plain single-device step, numerically as before.
+
+  Raises:
+    ValueError: too many devices asked for, or a batch that does not split.
+  """
+  from jaxface import parallel
+  if jax.process_count() == 1 and (cfg.num_devices == 1 or jax.device_count() == 1):
+    if cfg.num_devices > jax.device_count():
+      parallel.make_mesh(cfg.num_devices)  # raises, naming the device count
+    return None
+  mesh = parallel.make_mesh(cfg.num_devices)
+  check_parallel_batch(cfg, mesh.devices.size)
+  return mesh
 
 
 def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
-                  printer: Callable[[str], None]) -> dict:
+                  printer: Callable[[str], None], mesh=None) -> dict:
   """Trains ``cfg.ensemble`` members in ``<workdir>/member<i>`` (seeds seed + i) and evaluates
   their concatenated embeddings.
 
@@ -460,15 +647,17 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
   norm and its squared distance is the members' mean squared distance.
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
+  primary = jax.process_index() == 0
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
   embs, holdout_src, member_acc = [], None, []
   source = load_source(cfg)
   for i in range(cfg.ensemble):
     member = dataclasses.replace(cfg, seed=cfg.seed + i, ensemble=1)
     keep: dict = {}
     res = _run_single(member, os.path.join(workdir, f"member{i}"), stop_after,
-                      lambda s, i=i: printer(f"[member {i}] {s}"), keep, source)
+                      lambda s, i=i: printer(f"[member {i}] {s}"), keep, source, mesh)
     if not res:
       return {}  # stopped early (stop_after); a rerun resumes this member
     member_acc.append(res["eval/accuracy"])
@@ -476,10 +665,12 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
     embs.append(embed_source(keep["embed"], eval_params(keep["state"]), keep["state"]["rest"],
                              holdout_src, cfg.eval_batch_size))
   emb = np.concatenate(embs, axis=1) / np.sqrt(cfg.ensemble)
-  results = evaluate_embeddings(emb, holdout_src, cfg, cfg.num_steps, workdir)
+  results = evaluate_embeddings(emb, holdout_src, cfg, cfg.num_steps,
+                                workdir if primary else None)
   results["eval/member_accuracy_mean"] = float(np.mean(member_acc))
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+  if primary:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
   printer(f"ensemble of {cfg.ensemble}: member accuracies "
           f"{', '.join(f'{a:.4f}' for a in member_acc)}")
   printer(_fmt_eval(results))
@@ -488,7 +679,7 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
 
 def _run_single(cfg: TripletConfig, workdir: str, stop_after: int | None,
                 printer: Callable[[str], None], keep: dict,
-                source: source_lib.ImageSource | None = None) -> dict:
+                source: source_lib.ImageSource | None = None, mesh=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   train_src, holdout_src, sampler = prepare_data(cfg, source)
   printer(f"data: {len(train_src)} train images of {len(train_src.identity_names)} identities, "
@@ -513,20 +704,30 @@ def _run_single(cfg: TripletConfig, workdir: str, stop_after: int | None,
       # pretrained weights need not even be installed to resume it.
       graphdef, tx, state = init_state(cfg, num_classes=num_classes,
                                        dlib_spec=saved_extras.get("dlib_spec") or extras["dlib_spec"])
-      start, state = ckpt.restore(_with_sharding(state))
+      start, state = ckpt.restore(_with_sharding(state, mesh))
       printer(f"resumed from {ckpt.directory}/{start}")
     else:
       graphdef, tx, state = init_state(cfg, num_classes=num_classes)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2)
+      if mesh is not None:
+        from jaxface import parallel
+        state = parallel.replicate(state, mesh)  # equal on every process: same seed
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    if mesh is not None:
+      n = mesh.devices.size
+      printer(f"data parallel: {n} {mesh.devices.flat[0].platform} devices in "
+              f"{jax.process_count()} process(es), {cfg.P * cfg.K // n} images per device, "
+              f"{cfg.mining} mining")
     printer(f"encoder: {encoder_lib.num_params(state['params']):,} parameters, "
             f"strategy {cfg.strategy}, margin {cfg.margin}")
 
-    train_step = make_train_step(graphdef, tx, cfg)
+    train_step = make_train_step(graphdef, tx, cfg, mesh)
     embed = make_embed_fn(graphdef, cfg)
     results = _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src,
                           sampler, ckpt, stop_after, printer,
-                          ckpt_config={**cfg.to_dict(), "model_extras": extras}, keep=keep)
+                          ckpt_config={**cfg.to_dict(), "model_extras": extras}, keep=keep,
+                          mesh=mesh)
     keep.update(embed=embed, holdout=holdout_src)
   finally:
     ckpt.close()
@@ -546,9 +747,14 @@ def _check_health(state: State, metrics: dict, step: int) -> None:
 
 
 def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, sampler, ckpt,
-                stop_after, printer, ckpt_config, keep) -> dict:
+                stop_after, printer, ckpt_config, keep, mesh=None) -> dict:
+  from jaxface import parallel
+  # Evaluation is small: every process embeds the held-out set on one local
+  # device from its own copy of the replicated state; only process 0 writes.
+  local = parallel.to_local if mesh is not None else (lambda tree: tree)
+  primary = jax.process_index() == 0
   step = int(state["step"])
-  batches = _Batches(train_src, sampler)
+  batches = _Batches(train_src, sampler, mesh)
   log_path = os.path.join(workdir, "train_log.jsonl")
   images_per_step = cfg.P * cfg.K
   t_last, step_last, t_start, step_start = time.perf_counter(), step, time.perf_counter(), step
@@ -569,15 +775,17 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
         printer(f"step {step:6d}/{cfg.num_steps}  loss {host['train/loss']:.4f}  "
                 f"active {host['train/active_fraction']:.3f}  d_ap {host['train/d_ap']:.3f}  "
                 f"d_an {host['train/d_an']:.3f}  {ips:7.1f} img/s  ETA {_fmt_eta(eta)}")
-        with open(log_path, "a") as f:
-          f.write(json.dumps({"step": step, **host, "train/images_per_s": ips}) + "\n")
+        if primary:
+          with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, **host, "train/images_per_s": ips}) + "\n")
       if step % cfg.checkpoint_every == 0 or is_last:
         _check_health(state, {}, step)
         # Save a copy: the next step donates (reuses) the state's buffers while
-        # orbax may still be writing them in the background.
+        # orbax may still be writing them in the background. Every process
+        # saves (orbax coordinates them; process 0 writes replicated arrays).
         ckpt.save(step, jax.tree.map(jnp.copy, state), ckpt_config, force=True)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-        res = evaluate(embed, state, holdout_src, cfg, None)
+        res = evaluate(embed, local(state), holdout_src, cfg, None)
         printer(_fmt_eval(res))
       if stop_after is not None and step >= stop_after:
         printer(f"stopped at step {step} (stop_after); resume with the same --workdir")
@@ -589,8 +797,9 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
   elapsed = time.perf_counter() - t_start
   if step > step_start:
     printer(f"trained steps {step_start}..{step} in {elapsed:.1f}s")
+  state = local(state)
   keep["state"] = state
-  results = evaluate(embed, state, holdout_src, cfg, workdir)
+  results = evaluate(embed, state, holdout_src, cfg, workdir if primary else None)
   printer(_fmt_eval(results))
   printer(f"wrote {os.path.join(workdir, 'metrics.json')}")
   return results
@@ -604,8 +813,14 @@ def _fmt_eval(r: dict) -> str:
           f"rank-1 {f('eval/rank1')}  open-set FAR {f('eval/open_set/far')}")
 
 
-def load_params(workdir: str):
+def load_params(workdir: str, mesh=None):
   """Rebuilds the trained encoder from ``workdir``'s latest checkpoint.
+
+  Args:
+    workdir: the run directory.
+    mesh: restore replicated over this mesh (``jaxface.parallel.make_mesh``);
+      in a multi-process run every process must call this. None: on this
+      process's first device.
 
   Returns:
     (encoder in eval mode, config).
@@ -618,5 +833,5 @@ def load_params(workdir: str):
     cfg = TripletConfig.from_dict(saved_cfg)
     dlib_spec = extras.get("dlib_spec") or (cfg.dlib_spec().to_dict() if cfg.init == "dlib" else None)
     graphdef, _, state = init_state(cfg, num_classes=extras.get("num_classes", 0), dlib_spec=dlib_spec)
-    _, state = ckpt.restore(_with_sharding(state))
+    _, state = ckpt.restore(_with_sharding(state, mesh))
   return nnx.merge(graphdef, eval_params(state), state["rest"]), cfg
