@@ -93,3 +93,16 @@ def tune_cpu_xla() -> None:
   flags_now = os.environ.get("XLA_FLAGS", "")
   if version.startswith("0.10.") and "xla_cpu_experimental_ynn_fusion_type" not in flags_now:
     os.environ["XLA_FLAGS"] = (flags_now + " " + YNN_FLAG).strip()
+
+
+def start_distributed(cfg) -> None:
+  """Joins the multi-process cluster that ``cfg``'s distributed fields describe
+  (``distributed``, ``coordinator_address``, ``num_processes``, ``process_id``),
+  or exits 2 with the reason. Call before anything touches a device: JAX fixes
+  its backends at first use."""
+  from jaxface import parallel
+  try:
+    parallel.initialize(cfg.distributed, coordinator_address=cfg.coordinator_address,
+                        num_processes=cfg.num_processes, process_id=cfg.process_id)
+  except (ValueError, parallel.DistributedError) as e:
+    fail(str(e))

@@ -44,13 +44,7 @@ def main(argv):
     cfg = flagutil.config_from_flags(config_lib.TripletConfig).validate()
   except ValueError as e:
     flagutil.fail(str(e))
-  from jaxface import parallel
-  try:
-    # Before anything touches a device: JAX fixes its backends at first use.
-    parallel.initialize(cfg.distributed, coordinator_address=cfg.coordinator_address,
-                        num_processes=cfg.num_processes, process_id=cfg.process_id)
-  except (ValueError, parallel.DistributedError) as e:
-    flagutil.fail(str(e))
+  flagutil.start_distributed(cfg)  # before anything touches a device
   from jaxface.train import triplet  # heavy imports after the config is known to be valid
   try:
     triplet.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after,
