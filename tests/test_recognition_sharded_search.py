@@ -9,14 +9,13 @@ NumPy brute force and with the single-device index happen here.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _forced_devices  # tests/: the forced-devices subprocess runner
+
 DEVICES = 4
 RECALL_TARGET = 0.95
 
@@ -101,15 +100,7 @@ def _worker(out_path):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("sharded") / "out.npz")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.abspath(__file__), path], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=240)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(path + ".json") as f:
-    info = json.load(f)
-  return dict(np.load(path)), info
+  return _forced_devices.run_worker(__file__, path, DEVICES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _forced_devices  # tests/: the forced-devices subprocess runner
+
 DEVICES = 4
 STEPS = 5
 
@@ -101,16 +101,9 @@ def _worker(out_path):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("nst_sharded") / "out.npz")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu", JAXFACE_CACHE=str(tmp_path_factory.mktemp("cache")))
-  env.pop("JAXFACE_VGG19", None)  # random weights, never the developer's cache
-  r = subprocess.run([sys.executable, os.path.abspath(__file__), path], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=240)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with open(path + ".json") as f:
-    info = json.load(f)
-  return dict(np.load(path)), info
+  # Random weights, never the developer's cache.
+  return _forced_devices.run_worker(__file__, path, DEVICES, drop_env=("JAXFACE_VGG19",),
+                                    JAXFACE_CACHE=str(tmp_path_factory.mktemp("cache")))
 
 
 def test_sharded_batch_step_equals_the_one_device_batched_step(sharded):
