@@ -106,3 +106,15 @@ def start_distributed(cfg) -> None:
                         num_processes=cfg.num_processes, process_id=cfg.process_id)
   except (ValueError, parallel.DistributedError) as e:
     fail(str(e))
+
+
+def start(argv: list[str]) -> None:
+  """What every entry point does first: refuse positional arguments (settings
+  are --flags; exit 2) and quiet absl logging to WARNING unless --verbosity was
+  given (orbax logs every checkpoint save and restore at INFO; the programs
+  print their own progress lines)."""
+  from absl import logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; settings are --flags")

@@ -393,15 +393,10 @@ def run(pairs_path: str, images_dir: str, upsample: int, workdir: str | None,
 
 def main(argv):
   from absl import flags
-  from absl import logging
   from experiments import flagutil
   FLAGS = flags.FLAGS
-  if not flags.FLAGS["verbosity"].present:
-    # orbax logs every cache restore at INFO; the script prints its own lines.
-    logging.set_verbosity(logging.WARNING)
+  flagutil.start(argv)
   flagutil.tune_cpu_xla()
-  if len(argv) > 1:
-    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
   try:
     run(FLAGS.pairs, FLAGS.images, FLAGS.upsample, FLAGS.workdir or None,
         printer=lambda s: print(s, flush=True))

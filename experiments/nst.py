@@ -24,7 +24,6 @@ checkpoint together, and process 0 alone prints and writes the PNGs.
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import flagutil
 from jaxface import checkpointing
@@ -40,11 +39,7 @@ def main(argv):
   # No flagutil.tune_cpu_xla() here: for VGG19 style transfer the flag that
   # helps the encoder measured 1.1x slower at 512 px and 1.9x slower for a
   # batch of 4 (python -m experiments.bench.nst_step; BUILD.md).
-  if not FLAGS["verbosity"].present:
-    # orbax logs every checkpoint step at INFO; progress lines are printed instead.
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+  flagutil.start(argv)
   try:
     cfg = flagutil.config_from_flags(config_lib.NSTConfig).validate()
   except ValueError as e:

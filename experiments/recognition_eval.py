@@ -272,14 +272,10 @@ def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int =
 
 def main(argv):
   from absl import flags
-  from absl import logging
   from experiments import flagutil
   FLAGS = flags.FLAGS
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  flagutil.start(argv)
   flagutil.tune_cpu_xla()
-  if len(argv) > 1:
-    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
   try:
     run(FLAGS.images, FLAGS.cache_dir, FLAGS.workdir or None, upsample=FLAGS.upsample,
         target_far=FLAGS.target_far, open_set_far=FLAGS.open_set_far, features=tuple(FLAGS.siamese_features), seed=FLAGS.seed,

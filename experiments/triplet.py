@@ -21,7 +21,6 @@ resumes from the latest checkpoint in ``--workdir``.
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import flagutil
 from jaxface import checkpointing
@@ -35,11 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   flagutil.tune_cpu_xla()
-  if not FLAGS["verbosity"].present:
-    # orbax logs every checkpoint step at INFO; progress lines are printed instead.
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+  flagutil.start(argv)
   try:
     cfg = flagutil.config_from_flags(config_lib.TripletConfig).validate()
   except ValueError as e:

@@ -21,7 +21,6 @@ marks the unit's own stride-sized cell.
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import flagutil
 from jaxface import checkpointing
@@ -34,10 +33,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   flagutil.tune_cpu_xla()
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO
-  if len(argv) > 1:
-    flagutil.fail(f"unexpected arguments {argv[1:]}; settings are --flags")
+  flagutil.start(argv)
   try:
     cfg = flagutil.config_from_flags(config_lib.VisualizeConfig).validate()
   except ValueError as e:

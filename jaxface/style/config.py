@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxface.config_dict import JsonConfig
+
 from jaxface.models import vgg19
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -33,7 +35,7 @@ def _split(text: str) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class NSTConfig:
+class NSTConfig(JsonConfig):
   """Every setting of ``python -m experiments.nst`` (flag name = field name)."""
   # --- images
   content: str = "builtin:scene"          # comma-separated content images (one batch); builtin:scene|builtin:checker or paths
@@ -194,14 +196,3 @@ class NSTConfig:
     if self.distributed not in DISTRIBUTED:
       bad("distributed", f"must be one of {', '.join(DISTRIBUTED)}")
     return self
-
-  def to_dict(self) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "NSTConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return cls(**d)

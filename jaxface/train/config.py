@@ -47,6 +47,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxface.config_dict import JsonConfig
+
 from jaxface.models.encoder import EncoderSpec
 
 STRATEGIES = ("all", "all_active", "hard", "semihard")
@@ -71,7 +73,7 @@ DISTRIBUTED = ("off", "on", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
-class TripletConfig:
+class TripletConfig(JsonConfig):
   """Every setting of ``python -m experiments.triplet`` (flag name = field name)."""
   # --- data
   data: str = "synthetic"                 # synthetic | folder | tfds
@@ -293,14 +295,3 @@ class TripletConfig:
                        embedding_dim=self.embedding_dim, stem_width=self.stem_width, stem_stride=self.stem_stride,
                        widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize,
                        pool=self.pool, input_size=tuple(self.crop_size))
-
-  def to_dict(self) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "TripletConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return cls(**d)

@@ -1,0 +1,24 @@
+"""JSON round trip of the experiments' frozen config dataclasses (saved with every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="JsonConfig")
+
+
+class JsonConfig:
+  """Mixin for a config dataclass: ``to_dict`` (tuples as lists, JSON-ready) and
+  ``from_dict`` (refuses keys the dataclass does not have, naming them)."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return cls(**d)
