@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -556,21 +556,35 @@ def identification(gallery: Any, gallery_labels: Any, queries: Any, query_labels
 
   order = np.argsort(gl, kind="stable")
   g = g[order]
-  ids, starts = np.unique(gl[order], return_index=True)
+  g_sq = np.einsum("gd,gd->g", g, g)
+
+  def distance_rows(lo: int, hi: int) -> np.ndarray:
+    qc = q[lo:hi]
+    d2 = np.einsum("qd,qd->q", qc, qc)[:, None] + g_sq[None, :] - 2.0 * (qc @ g.T)
+    return np.maximum(d2, 0.0)  # the norm expansion can dip below 0 by rounding
+
+  return _identify(distance_rows, q.shape[0], gl[order], ql, threshold, k)
+
+
+def _identify(distance_rows: Callable[[int, int], np.ndarray], num_queries: int,
+              gallery_labels: np.ndarray, ql: np.ndarray, threshold: float, k: int
+              ) -> dict[str, float]:
+  """`identification` from distances: ``distance_rows(lo, hi)`` gives queries lo..hi-1
+  against every gallery row ``[hi - lo, G]``; ``gallery_labels`` [G] must be sorted."""
+  gl = gallery_labels
+  ids, starts = np.unique(gl, return_index=True)
   num_ids = ids.shape[0]
   kk = min(int(k), num_ids)
   true_idx = np.minimum(np.searchsorted(ids, ql), num_ids - 1)
   known = ids[true_idx] == ql
 
-  g_sq = np.einsum("gd,gd->g", g, g)
-  nearest = np.empty(q.shape[0], dtype=np.int64)
-  nearest_d = np.empty(q.shape[0], dtype=np.float64)
-  in_top = np.empty(q.shape[0], dtype=bool)
-  rows = max(1, _CHUNK_ELEMENTS // g.shape[0])
-  for lo in range(0, q.shape[0], rows):
-    qc = q[lo:lo + rows]
-    d2 = np.einsum("qd,qd->q", qc, qc)[:, None] + g_sq[None, :] - 2.0 * (qc @ g.T)
-    np.maximum(d2, 0.0, out=d2)  # the norm expansion can dip below 0 by rounding
+  nearest = np.empty(num_queries, dtype=np.int64)
+  nearest_d = np.empty(num_queries, dtype=np.float64)
+  in_top = np.empty(num_queries, dtype=bool)
+  rows = max(1, _CHUNK_ELEMENTS // gl.shape[0])
+  for lo in range(0, num_queries, rows):
+    hi = min(lo + rows, num_queries)
+    d2 = np.asarray(distance_rows(lo, hi), dtype=np.float64)
     id_d = np.minimum.reduceat(d2, starts, axis=1)              # [q, C]
     if kk < num_ids:
       top = np.argpartition(id_d, kk - 1, axis=1)[:, :kk]        # [q, kk] unordered
@@ -578,15 +592,15 @@ def identification(gallery: Any, gallery_labels: Any, queries: Any, query_labels
       top = np.broadcast_to(np.arange(num_ids), id_d.shape)
     top_d = np.take_along_axis(id_d, top, axis=1)
     first = np.argmin(top_d, axis=1)
-    r = np.arange(qc.shape[0])
-    nearest[lo:lo + rows] = top[r, first]
-    nearest_d[lo:lo + rows] = top_d[r, first]
-    in_top[lo:lo + rows] = (top == true_idx[lo:lo + rows, None]).any(axis=1)
+    r = np.arange(hi - lo)
+    nearest[lo:hi] = top[r, first]
+    nearest_d[lo:hi] = top_d[r, first]
+    in_top[lo:hi] = (top == true_idx[lo:hi, None]).any(axis=1)
 
   accepted = nearest_d <= threshold
   correct = known & (nearest == true_idx)
   num_known = int(known.sum())
-  num_unknown = int(q.shape[0] - num_known)
+  num_unknown = int(num_queries - num_known)
 
   def frac(mask: np.ndarray, denom: int) -> float:
     return float(mask.sum() / denom) if denom else float("nan")
@@ -609,7 +623,8 @@ def identification(gallery: Any, gallery_labels: Any, queries: Any, query_labels
 
 
 def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_folds: int = 10,
-                        gallery_fraction: float = 0.5, max_pairs: int | None = None
+                        gallery_fraction: float = 0.5, max_pairs: int | None = None,
+                        pair_distance: Callable[[np.ndarray, np.ndarray], Any] | None = None
                         ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Held-out evaluation of face embeddings (verification + identification).
 
@@ -640,6 +655,12 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
     num_folds: folds for eval/accuracy.
     gallery_fraction: fraction of identities enrolled for open set, in (0, 1].
     max_pairs: optional cap on the number of verification pairs.
+    pair_distance: optional ``(i [M] int, j [M] int) -> [M] float`` score of
+      row pairs, lower = more alike (e.g. S-normed or fused distances,
+      `jaxface.recognition.score_norm`); it replaces the squared Euclidean
+      distance everywhere above, identification included (an identity's
+      score is then the minimum over its gallery rows). Default: squared
+      Euclidean distance of ``embeddings`` rows.
 
   Returns:
     (metrics, roc): metrics maps the names above to Python floats; roc is
@@ -653,8 +674,33 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
   if not isinstance(gallery_fraction, (int, float, np.floating)) or not 0.0 < gallery_fraction <= 1.0:
     raise ValueError(f"gallery_fraction: expected a number in (0, 1], got {gallery_fraction!r}")
 
+  def scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if pair_distance is None:
+      return pair_distances(emb, a, b)
+    d = np.asarray(pair_distance(a, b), dtype=np.float64)
+    if d.shape != a.shape:
+      raise ValueError(f"pair_distance: returned shape {d.shape} for {a.shape[0]} pairs")
+    if not np.all(np.isfinite(d)):
+      raise ValueError("pair_distance: returned NaN or infinite scores")
+    return d
+
+  def identify(gallery_idx: np.ndarray, gallery_labels: np.ndarray, query_idx: np.ndarray):
+    if pair_distance is None:
+      return identification(emb[gallery_idx], gallery_labels, emb[query_idx], lab[query_idx],
+                            threshold=threshold, k=5)
+    order = np.argsort(gallery_labels, kind="stable")
+    g_idx = gallery_idx[order]
+
+    def distance_rows(lo: int, hi: int) -> np.ndarray:
+      q_idx = query_idx[lo:hi]
+      return scores(np.repeat(q_idx, g_idx.shape[0]),
+                    np.tile(g_idx, q_idx.shape[0])).reshape(q_idx.shape[0], g_idx.shape[0])
+
+    return _identify(distance_rows, query_idx.shape[0], gallery_labels[order], lab[query_idx],
+                     threshold, 5)
+
   i, j, same = balanced_pairs(lab, seed, max_pairs)
-  dist = pair_distances(emb, i, j)
+  dist = scores(i, j)
   kf = kfold_verification(dist, same, num_folds, seed)
   fpr, tpr, thresholds = roc_curve(dist, same)
   threshold, _ = best_threshold(dist, same)
@@ -672,8 +718,7 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
   nan = float("nan")
   closed = {"rank1": nan, "top_k": nan}
   if (~is_gallery).any():
-    closed = identification(emb[gallery_idx], ids, emb[~is_gallery], lab[~is_gallery],
-                            threshold=threshold, k=5)
+    closed = identify(gallery_idx, ids, np.flatnonzero(~is_gallery))
 
   num_enrolled = min(num_ids, max(1, int(round(gallery_fraction * num_ids))))
   open_set = {"rank1": nan, "dir": nan, "frr": nan, "far": nan}
@@ -682,8 +727,7 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
     enrolled[np.random.default_rng((seed, 2)).permutation(num_ids)[:num_enrolled]] = True
     in_gallery = np.zeros(lab.shape[0], dtype=bool)
     in_gallery[gallery_idx[enrolled]] = True
-    open_set = identification(emb[gallery_idx[enrolled]], ids[enrolled], emb[~in_gallery],
-                              lab[~in_gallery], threshold=threshold, k=5)
+    open_set = identify(gallery_idx[enrolled], ids[enrolled], np.flatnonzero(~in_gallery))
 
   metrics = {
       "eval/accuracy": kf["accuracy"],

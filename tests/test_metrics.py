@@ -569,3 +569,44 @@ def test_save_roc_png_errors(tmp_path):
   (tmp_path / "dir.png").mkdir()
   with pytest.raises(ValueError, match="path.*cannot write"):
     m.save_roc_png(fpr, tpr, tmp_path / "dir.png")
+
+
+def test_evaluate_embeddings_pair_distance_default_and_monotone_transform():
+  rng = np.random.default_rng(13)
+  emb, lab = _clusters(rng, 12, 5, 8, spread=0.8)
+  base, base_roc = m.evaluate_embeddings(emb, lab, seed=2)
+  # The squared Euclidean distance as a callable reproduces the default exactly.
+  same_fn, _ = m.evaluate_embeddings(emb, lab, seed=2,
+                                     pair_distance=lambda i, j: m.pair_distances(emb, i, j))
+  assert same_fn == pytest.approx(base, nan_ok=True, rel=0, abs=0)
+  # An increasing affine map of the scores (negative values included) changes
+  # no decision, ranking or rate; the threshold moves with the map.
+  got, roc = m.evaluate_embeddings(
+      emb, lab, seed=2, pair_distance=lambda i, j: 3.0 * m.pair_distances(emb, i, j) - 5.0)
+  for key, value in base.items():
+    if key == "eval/threshold":
+      assert got[key] == pytest.approx(3.0 * value - 5.0, rel=1e-12)
+    else:
+      assert got[key] == pytest.approx(value, nan_ok=True, abs=1e-12), key
+  np.testing.assert_allclose(roc["tpr"], base_roc["tpr"])
+  assert 0.0 < base["eval/rank1"] < 1.0 and 0.0 < base["eval/open_set/far"] < 1.0
+
+
+def test_evaluate_embeddings_pair_distance_ranks_identities_by_it():
+  # Embeddings say nothing; the callable knows the labels: every identity
+  # metric must follow the callable, not the embeddings.
+  lab = np.repeat(np.arange(6), 4)
+  emb = np.zeros((24, 3), np.float32)
+  oracle = lambda i, j: np.where(lab[i] == lab[j], 0.1, 2.0)
+  met, _ = m.evaluate_embeddings(emb, lab, seed=0, pair_distance=oracle)
+  assert met["eval/accuracy"] == 1.0 and met["eval/auc"] == 1.0
+  assert met["eval/rank1"] == 1.0 and met["eval/open_set/far"] == 0.0
+  assert met["eval/open_set/dir"] == 1.0
+
+
+def test_evaluate_embeddings_pair_distance_errors():
+  emb, lab = np.zeros((4, 3), np.float32), [0, 0, 1, 1]
+  with pytest.raises(ValueError, match="pair_distance: returned shape"):
+    m.evaluate_embeddings(emb, lab, pair_distance=lambda i, j: np.zeros(1))
+  with pytest.raises(ValueError, match="pair_distance: returned NaN"):
+    m.evaluate_embeddings(emb, lab, pair_distance=lambda i, j: np.full(i.shape, np.nan))

@@ -5,6 +5,7 @@
 * :mod:`jaxface.recognition.sharded_search` -- the same 1:K search with the gallery sharded over
   devices (``SearchIndex(..., devices=jax.devices())``).
 * :mod:`jaxface.recognition.calibrate` -- thresholds from labeled pairs.
+* :mod:`jaxface.recognition.score_norm` -- cohort S-norm of distance scores (score-level fusion).
 * :mod:`jaxface.recognition.siamese` -- logistic-regression head on embedding pairs.
 * :mod:`jaxface.recognition.encoders` -- images -> embeddings with an encoder fingerprint.
 

@@ -29,6 +29,11 @@ embeddings of the centre and corner crops, ``ensemble=N`` trains N members
 concatenated embeddings. ``fisher_weight > 0`` evaluates each held-out
 embedding concatenated with that weight times a Fisherfaces projection of its
 pixels fitted on the training identities (``jaxface.train.fisher``).
+``score_norm="snorm"`` scores held-out pairs by cohort S-norm
+(``jaxface.recognition.score_norm``) with the training images as the cohort;
+with ``fisher_weight > 0`` too, the Fisherfaces scores are S-normed against
+the training images' projections and added with that weight (score-level
+fusion) instead of concatenated.
 ``extra_synthetic=N`` appends N procedural identities (``synthetic_images``
 images each, ``jaxface.data.mix``) to the training identities of real data.
 
@@ -64,11 +69,13 @@ RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "eval_every",
                      "max_to_keep", "roc_png", "eval_flip", "eval_crops",
                      # Evaluation-only: the Fisherfaces fusion is fitted after training.
                      "fisher_weight", "fisher_pca",
+                     "score_norm", "score_norm_top_k", "score_norm_cohort",
                      # The global batch and its data stream do not depend on how many
                      # devices or processes share it (global mining equals one device).
                      "num_devices", "distributed", "coordinator_address", "num_processes",
                      "process_id")
 MINING = ("global", "local")
+SCORE_NORMS = ("none", "snorm")
 DISTRIBUTED = ("off", "on", "auto")
 
 
@@ -122,6 +129,9 @@ class TripletConfig(JsonConfig):
   cls_smoothing: float = 0.0              # label smoothing of the margin softmax, in [0, 1)
   fisher_weight: float = 0.0              # > 0: evaluate [embedding, w * Fisherfaces of the pixels] (jaxface.train.fisher)
   fisher_pca: int = 80                    # principal components before the Fisherfaces LDA
+  score_norm: str = "none"                # none | snorm: cohort S-norm of held-out scores (cohort: training images)
+  score_norm_top_k: int = 0               # snorm: 0 = whole cohort, k >= 2 = each image's k nearest (adaptive)
+  score_norm_cohort: int = 2000           # snorm: at most this many training images (seeded subset) form the cohort
   # --- optimisation
   num_steps: int = 400
   learning_rate: float = 3e-3
@@ -244,6 +254,14 @@ class TripletConfig(JsonConfig):
       bad("fisher_weight", "must be finite and >= 0 (0: off)")
     if self.fisher_pca < 1:
       bad("fisher_pca", "must be >= 1")
+    if self.score_norm not in SCORE_NORMS:
+      bad("score_norm", f"must be one of {', '.join(SCORE_NORMS)}")
+    if self.score_norm_top_k < 0 or self.score_norm_top_k == 1:
+      bad("score_norm_top_k", "must be 0 (whole cohort) or >= 2")
+    if self.score_norm_cohort < 2:
+      bad("score_norm_cohort", "must be >= 2")
+    if self.score_norm_top_k > self.score_norm_cohort:
+      bad("score_norm_top_k", f"must be <= score_norm_cohort ({self.score_norm_cohort})")
     for name in ("log_every", "checkpoint_every", "eval_batch_size",
                  "max_to_keep", "synthetic_identities"):
       if getattr(self, name) < 1:

@@ -458,16 +458,19 @@ def make_embed_fn(graphdef: nnx.GraphDef, cfg: TripletConfig):
   return embed
 
 
-def embed_source(embed, params, rest, source: source_lib.ImageSource, batch_size: int) -> np.ndarray:
-  """Embeds every image of ``source`` in fixed-size batches (last one padded: one compile).
+def embed_source(embed, params, rest, source: source_lib.ImageSource, batch_size: int,
+                 indices: np.ndarray | None = None) -> np.ndarray:
+  """Embeds every image of ``source`` (or its rows ``indices``) in fixed-size batches
+  (last one padded: one compile).
 
   Returns:
-    ``[N, D]`` float32 embeddings on the host.
+    ``[N, D]`` float32 embeddings on the host (N = len(source) or len(indices)).
   """
-  n = len(source)
+  rows = np.arange(len(source)) if indices is None else np.asarray(indices)
+  n = rows.shape[0]
   out = []
   for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
+    idx = rows[start:start + batch_size]
     images = source.get(idx)
     if len(idx) < batch_size:
       pad = np.zeros((batch_size - len(idx),) + images.shape[1:], images.dtype)
@@ -479,21 +482,59 @@ def embed_source(embed, params, rest, source: source_lib.ImageSource, batch_size
 # --------------------------------------------------------------------------- evaluation
 
 
+def cohort_indices(num_train: int, cfg: TripletConfig) -> np.ndarray:
+  """Rows of the training source forming the S-norm cohort: all of them, or a seeded
+  subset of ``cfg.score_norm_cohort`` (sorted) when there are more. ``[M] int64``."""
+  if num_train <= cfg.score_norm_cohort:
+    return np.arange(num_train)
+  rng = np.random.default_rng((cfg.seed, 7))
+  return np.sort(rng.choice(num_train, cfg.score_norm_cohort, replace=False))
+
+
 def evaluate(embed, state: State, holdout: source_lib.ImageSource, cfg: TripletConfig,
-             workdir: str | None) -> dict:
-  """Verification and identification on held-out identities; writes metrics.json and roc.png."""
-  emb = embed_source(embed, eval_params(state), state["rest"], holdout, cfg.eval_batch_size)
-  return evaluate_embeddings(emb, holdout, cfg, int(state["step"]), workdir)
+             workdir: str | None, train: source_lib.ImageSource | None = None) -> dict:
+  """Verification and identification on held-out identities; writes metrics.json and roc.png.
+
+  With ``cfg.score_norm="snorm"`` the training images (``train``, required
+  then) are embedded too, as the cohort.
+  """
+  params, rest = eval_params(state), state["rest"]
+  emb = embed_source(embed, params, rest, holdout, cfg.eval_batch_size)
+  cohort = None
+  if cfg.score_norm != "none":
+    if train is None:
+      raise ValueError("--score_norm: evaluation needs the training images as the cohort")
+    cohort = embed_source(embed, params, rest, train, cfg.eval_batch_size,
+                          cohort_indices(len(train), cfg))
+  return evaluate_embeddings(emb, holdout, cfg, int(state["step"]), workdir, cohort=cohort,
+                             train=train)
 
 
 def evaluate_embeddings(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: TripletConfig,
-                        step: int, workdir: str | None) -> dict:
-  """Metrics of ``[N, D] float32`` held-out embeddings; writes metrics.json and roc.png to ``workdir``."""
+                        step: int, workdir: str | None, *, cohort: np.ndarray | None = None,
+                        train: source_lib.ImageSource | None = None) -> dict:
+  """Metrics of ``[N, D] float32`` held-out embeddings; writes metrics.json and roc.png to ``workdir``.
+
+  Args:
+    emb: ``[N, D] float32``, one row per ``holdout`` image.
+    cohort: ``[M, D] float32`` embeddings of the training images
+      ``cohort_indices`` picks; required with ``cfg.score_norm="snorm"``.
+    train: the training source (Fisherfaces are fitted on it); None: reloaded
+      from ``cfg``.
+  """
   if not np.all(np.isfinite(emb)):
     raise TrainingError("held-out embeddings are not finite")
-  if cfg.fisher_weight > 0:
-    emb = _fuse_fisherfaces(emb, holdout, cfg)
-  results, roc = metrics_lib.evaluate_embeddings(emb, holdout.labels, seed=cfg.seed)
+  pair_distance = None
+  if cfg.score_norm == "snorm":
+    if cohort is None:
+      raise ValueError("--score_norm=snorm: no cohort embeddings were given")
+    if not np.all(np.isfinite(cohort)):
+      raise TrainingError("cohort (training image) embeddings are not finite")
+    pair_distance = _snorm_scores(emb, cohort, holdout, cfg, train)
+  elif cfg.fisher_weight > 0:
+    emb = _fuse_fisherfaces(emb, holdout, cfg, train)
+  results, roc = metrics_lib.evaluate_embeddings(emb, holdout.labels, seed=cfg.seed,
+                                                 pair_distance=pair_distance)
   # NaN (e.g. TAR at a FAR finer than 1/#negative pairs) is stored as JSON null.
   results = {k: (float(v) if np.isfinite(v) else None) for k, v in results.items()}
   results["eval/step"] = int(step)
@@ -507,19 +548,61 @@ def evaluate_embeddings(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: T
   return results
 
 
-def _fuse_fisherfaces(emb: np.ndarray, holdout: source_lib.ImageSource,
-                      cfg: TripletConfig) -> np.ndarray:
-  """``[N, D]`` -> ``[N, D + k]``: appends ``cfg.fisher_weight`` times the Fisherfaces projection
-  (fitted on the training identities' images, reloaded from ``cfg``, with ``extra_synthetic``
-  the synthetic ones too) of each held-out image."""
-  from jaxface.train import fisher
-  train_src, check = prepare_data(cfg)[:2]
+def _training_split(holdout: source_lib.ImageSource, cfg: TripletConfig,
+                    train: source_lib.ImageSource | None, flag: str) -> source_lib.ImageSource:
+  if train is not None:
+    return train
+  train, check = prepare_data(cfg)[:2]
   if list(check.identity_names) != list(holdout.identity_names) or len(check) != len(holdout):
-    raise ValueError("--fisher_weight: the training split reloaded from the config does not "
+    raise ValueError(f"--{flag}: the training split reloaded from the config does not "
                      "match the held-out identities being evaluated")
+  return train
+
+
+def _fuse_fisherfaces(emb: np.ndarray, holdout: source_lib.ImageSource, cfg: TripletConfig,
+                      train: source_lib.ImageSource | None = None) -> np.ndarray:
+  """``[N, D]`` -> ``[N, D + k]``: appends ``cfg.fisher_weight`` times the Fisherfaces projection
+  (fitted on the training identities' images, reloaded from ``cfg`` unless given, with
+  ``extra_synthetic`` the synthetic ones too) of each held-out image."""
+  from jaxface.train import fisher
+  train_src = _training_split(holdout, cfg, train, "fisher_weight")
   return fisher.fuse(emb, train_src.get(np.arange(len(train_src))), train_src.labels,
                      holdout.get(np.arange(len(holdout))), weight=cfg.fisher_weight,
                      num_pca=cfg.fisher_pca)
+
+
+def _snorm_scores(emb: np.ndarray, cohort: np.ndarray, holdout: source_lib.ImageSource,
+                  cfg: TripletConfig, train: source_lib.ImageSource | None) -> Callable:
+  """``pair_distance(i, j) -> [M]`` for `metrics.evaluate_embeddings`: the S-normed squared
+  distance of held-out rows i, j, plus ``cfg.fisher_weight`` times the S-normed distance of
+  their Fisherfaces projections (cohort: the same training images' projections)."""
+  from jaxface.recognition import score_norm
+  feats = [(1.0, emb, cohort)]
+  if cfg.fisher_weight > 0:
+    from jaxface.train import fisher
+    train_src = _training_split(holdout, cfg, train, "fisher_weight")
+    model = fisher.fit(train_src.get(np.arange(len(train_src))), train_src.labels,
+                       num_pca=cfg.fisher_pca)
+    feats.append((cfg.fisher_weight,
+                  fisher.project(model, holdout.get(np.arange(len(holdout)))),
+                  fisher.project(model, train_src.get(cohort_indices(len(train_src), cfg)))))
+  if cfg.score_norm_top_k > len(cohort):
+    raise ValueError(f"--score_norm_top_k={cfg.score_norm_top_k}: the cohort has only "
+                     f"{len(cohort)} training images")
+  terms = []
+  for weight, x, c in feats:
+    mean, std = (np.asarray(a) for a in score_norm.cohort_stats(x, c, top_k=cfg.score_norm_top_k))
+    terms.append((weight, x, mean, std))
+
+  def pair_distance(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    total = np.zeros(i.shape[0], np.float64)
+    for weight, x, mean, std in terms:
+      d = metrics_lib.pair_distances(x, i, j)
+      total += weight * np.asarray(score_norm.snorm(d, mean[i], std[i], mean[j], std[j]),
+                                   np.float64)
+    return total
+
+  return pair_distance
 
 
 # --------------------------------------------------------------------------- loop
@@ -651,7 +734,7 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
-  embs, holdout_src, member_acc = [], None, []
+  embs, cohorts, holdout_src, member_acc = [], [], None, []
   source = load_source(cfg)
   for i in range(cfg.ensemble):
     member = dataclasses.replace(cfg, seed=cfg.seed + i, ensemble=1)
@@ -661,12 +744,16 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
     if not res:
       return {}  # stopped early (stop_after); a rerun resumes this member
     member_acc.append(res["eval/accuracy"])
-    holdout_src = keep["holdout"]
-    embs.append(embed_source(keep["embed"], eval_params(keep["state"]), keep["state"]["rest"],
-                             holdout_src, cfg.eval_batch_size))
+    holdout_src, train_src = keep["holdout"], keep["train"]
+    params, rest = eval_params(keep["state"]), keep["state"]["rest"]
+    embs.append(embed_source(keep["embed"], params, rest, holdout_src, cfg.eval_batch_size))
+    if cfg.score_norm != "none":
+      cohorts.append(embed_source(keep["embed"], params, rest, train_src, cfg.eval_batch_size,
+                                  cohort_indices(len(train_src), cfg)))
   emb = np.concatenate(embs, axis=1) / np.sqrt(cfg.ensemble)
+  cohort = np.concatenate(cohorts, axis=1) / np.sqrt(cfg.ensemble) if cohorts else None
   results = evaluate_embeddings(emb, holdout_src, cfg, cfg.num_steps,
-                                workdir if primary else None)
+                                workdir if primary else None, cohort=cohort, train=train_src)
   results["eval/member_accuracy_mean"] = float(np.mean(member_acc))
   if primary:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -728,7 +815,7 @@ def _run_single(cfg: TripletConfig, workdir: str, stop_after: int | None,
                           sampler, ckpt, stop_after, printer,
                           ckpt_config={**cfg.to_dict(), "model_extras": extras}, keep=keep,
                           mesh=mesh)
-    keep.update(embed=embed, holdout=holdout_src)
+    keep.update(embed=embed, holdout=holdout_src, train=train_src)
   finally:
     ckpt.close()
   return results
@@ -785,7 +872,7 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
         # saves (orbax coordinates them; process 0 writes replicated arrays).
         ckpt.save(step, jax.tree.map(jnp.copy, state), ckpt_config, force=True)
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-        res = evaluate(embed, local(state), holdout_src, cfg, None)
+        res = evaluate(embed, local(state), holdout_src, cfg, None, train_src)
         printer(_fmt_eval(res))
       if stop_after is not None and step >= stop_after:
         printer(f"stopped at step {step} (stop_after); resume with the same --workdir")
@@ -799,7 +886,7 @@ def _train_loop(cfg, workdir, state, train_step, embed, train_src, holdout_src, 
     printer(f"trained steps {step_start}..{step} in {elapsed:.1f}s")
   state = local(state)
   keep["state"] = state
-  results = evaluate(embed, state, holdout_src, cfg, workdir if primary else None)
+  results = evaluate(embed, state, holdout_src, cfg, workdir if primary else None, train_src)
   printer(_fmt_eval(results))
   printer(f"wrote {os.path.join(workdir, 'metrics.json')}")
   return results
