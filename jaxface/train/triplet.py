@@ -491,6 +491,20 @@ def cohort_indices(num_train: int, cfg: TripletConfig) -> np.ndarray:
   return np.sort(rng.choice(num_train, cfg.score_norm_cohort, replace=False))
 
 
+def embed_for_evaluation(embed, params, rest, holdout: source_lib.ImageSource,
+                         train: source_lib.ImageSource | None, cfg: TripletConfig
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Held-out embeddings ``[N, D] float32`` and, with ``cfg.score_norm`` on, the cohort's
+  (the training rows `cohort_indices` picks) ``[M, D] float32``; else None."""
+  emb = embed_source(embed, params, rest, holdout, cfg.eval_batch_size)
+  if cfg.score_norm == "none":
+    return emb, None
+  if train is None:
+    raise ValueError("--score_norm: evaluation needs the training images as the cohort")
+  return emb, embed_source(embed, params, rest, train, cfg.eval_batch_size,
+                           cohort_indices(len(train), cfg))
+
+
 def evaluate(embed, state: State, holdout: source_lib.ImageSource, cfg: TripletConfig,
              workdir: str | None, train: source_lib.ImageSource | None = None) -> dict:
   """Verification and identification on held-out identities; writes metrics.json and roc.png.
@@ -498,14 +512,8 @@ def evaluate(embed, state: State, holdout: source_lib.ImageSource, cfg: TripletC
   With ``cfg.score_norm="snorm"`` the training images (``train``, required
   then) are embedded too, as the cohort.
   """
-  params, rest = eval_params(state), state["rest"]
-  emb = embed_source(embed, params, rest, holdout, cfg.eval_batch_size)
-  cohort = None
-  if cfg.score_norm != "none":
-    if train is None:
-      raise ValueError("--score_norm: evaluation needs the training images as the cohort")
-    cohort = embed_source(embed, params, rest, train, cfg.eval_batch_size,
-                          cohort_indices(len(train), cfg))
+  emb, cohort = embed_for_evaluation(embed, eval_params(state), state["rest"], holdout, train,
+                                     cfg)
   return evaluate_embeddings(emb, holdout, cfg, int(state["step"]), workdir, cohort=cohort,
                              train=train)
 
@@ -577,18 +585,18 @@ def _snorm_scores(emb: np.ndarray, cohort: np.ndarray, holdout: source_lib.Image
   distance of held-out rows i, j, plus ``cfg.fisher_weight`` times the S-normed distance of
   their Fisherfaces projections (cohort: the same training images' projections)."""
   from jaxface.recognition import score_norm
+  if cfg.score_norm_top_k > len(cohort):
+    raise ValueError(f"--score_norm_top_k={cfg.score_norm_top_k}: the cohort has only "
+                     f"{len(cohort)} training images")
   feats = [(1.0, emb, cohort)]
   if cfg.fisher_weight > 0:
     from jaxface.train import fisher
     train_src = _training_split(holdout, cfg, train, "fisher_weight")
-    model = fisher.fit(train_src.get(np.arange(len(train_src))), train_src.labels,
-                       num_pca=cfg.fisher_pca)
+    train_images = train_src.get(np.arange(len(train_src)))
+    model = fisher.fit(train_images, train_src.labels, num_pca=cfg.fisher_pca)
     feats.append((cfg.fisher_weight,
                   fisher.project(model, holdout.get(np.arange(len(holdout)))),
-                  fisher.project(model, train_src.get(cohort_indices(len(train_src), cfg)))))
-  if cfg.score_norm_top_k > len(cohort):
-    raise ValueError(f"--score_norm_top_k={cfg.score_norm_top_k}: the cohort has only "
-                     f"{len(cohort)} training images")
+                  fisher.project(model, train_images[cohort_indices(len(train_src), cfg)])))
   terms = []
   for weight, x, c in feats:
     mean, std = (np.asarray(a) for a in score_norm.cohort_stats(x, c, top_k=cfg.score_norm_top_k))
@@ -745,11 +753,11 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
       return {}  # stopped early (stop_after); a rerun resumes this member
     member_acc.append(res["eval/accuracy"])
     holdout_src, train_src = keep["holdout"], keep["train"]
-    params, rest = eval_params(keep["state"]), keep["state"]["rest"]
-    embs.append(embed_source(keep["embed"], params, rest, holdout_src, cfg.eval_batch_size))
-    if cfg.score_norm != "none":
-      cohorts.append(embed_source(keep["embed"], params, rest, train_src, cfg.eval_batch_size,
-                                  cohort_indices(len(train_src), cfg)))
+    emb, cohort = embed_for_evaluation(keep["embed"], eval_params(keep["state"]),
+                                       keep["state"]["rest"], holdout_src, train_src, cfg)
+    embs.append(emb)
+    if cohort is not None:
+      cohorts.append(cohort)
   emb = np.concatenate(embs, axis=1) / np.sqrt(cfg.ensemble)
   cohort = np.concatenate(cohorts, axis=1) / np.sqrt(cfg.ensemble) if cohorts else None
   results = evaluate_embeddings(emb, holdout_src, cfg, cfg.num_steps,
