@@ -10,7 +10,8 @@ T = TypeVar("T", bound="JsonConfig")
 
 class JsonConfig:
   """Mixin for a config dataclass: ``to_dict`` (tuples as lists, JSON-ready) and
-  ``from_dict`` (refuses keys the dataclass does not have, naming them)."""
+  ``from_dict`` (lists back to tuples; refuses keys the dataclass does not have,
+  naming them)."""
 
   def to_dict(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -21,4 +22,5 @@ class JsonConfig:
     unknown = set(d) - names
     if unknown:
       raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return cls(**d)
+    # JSON has no tuples; frozen configs hold tuples so they compare and hash by value.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

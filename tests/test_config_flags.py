@@ -39,6 +39,21 @@ def test_demo_flagfiles_parse_and_validate():
     os.chdir(cwd)
 
 
+def test_every_flagfile_has_a_tiny_variant_that_includes_it():
+  # The tests run the tiny variants end to end; a config without one is never exercised.
+  configs = os.path.join(REPO, "experiments", "configs")
+  names = sorted(os.listdir(configs))
+  for name in names:
+    if not name.endswith(".flags") or name.endswith("_tiny.flags"):
+      continue
+    base = name[:-len(".flags")]
+    stem = base[:-len("_default")] if base.endswith("_default") else base
+    tiny = f"{stem}_tiny.flags"
+    assert tiny in names, f"{name} has no tiny variant {tiny}"
+    text = open(os.path.join(configs, tiny)).read()
+    assert f"--flagfile=experiments/configs/{name}" in text, f"{tiny} does not build on {name}"
+
+
 def _strip_workdir(path):
   # --workdir is the entry point's flag, not a config field: expand the flagfile by hand.
   out = []

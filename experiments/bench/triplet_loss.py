@@ -1,7 +1,7 @@
 r"""Benchmark of `jaxface.losses.triplet_loss` (time and peak memory).
 
 Usage:
-  python -m experiments.bench.triplet_loss [--max_b 2048] [--repeats 5]
+  python -m experiments.bench.triplet_loss [--max_b=2048] [--repeats=5] [--nonaive] [--notorch]
 
 For each batch size B = min_b, 2 * min_b, ..., max_b (P x K batches, K = --k
 images per identity, unit-norm [B, --dim] float32 embeddings) and each
@@ -44,7 +44,6 @@ inputs, a guard that the compared programs compute the same loss.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -52,6 +51,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+from absl import app
+from absl import flags
 
 STRATEGIES = ("all", "all_active", "hard", "semihard")
 NAIVE_STRATEGIES = ("all", "all_active", "semihard")
@@ -211,10 +213,9 @@ def _worker(impl: str, strategy: str, b: int, args) -> dict:
 
 def _run_child(impl: str, strategy: str, b: int, args) -> dict:
   cmd = [sys.executable, "-m", "experiments.bench.triplet_loss",
-         "--_worker", f"{impl}:{strategy}:{b}",
-         "--repeats", str(args.repeats), "--dim", str(args.dim),
-         "--k", str(args.k), "--margin", str(args.margin),
-         "--threads", str(args.threads)]
+         f"--worker={impl}:{strategy}:{b}", f"--repeats={args.repeats}",
+         f"--dim={args.dim}", f"--k={args.k}", f"--margin={args.margin}",
+         f"--threads={args.threads}"]
   env = dict(os.environ)
   if args.threads > 0:
     n = str(args.threads)
@@ -278,55 +279,50 @@ def _check(rec: dict | None, ref: dict) -> str:
   return f"{abs(rec['loss'] - ref['loss']) / max(abs(ref['loss']), 1e-12):.0e}"
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--min_b", type=int, default=128)
-  p.add_argument("--max_b", type=int, default=2048,
-                 help="largest batch size (powers of two from --min_b)")
-  p.add_argument("--strategies", default=",".join(STRATEGIES))
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--k", type=int, default=4, help="images per identity")
-  p.add_argument("--margin", type=float, default=0.2)
-  p.add_argument("--threads", type=int, default=1,
-                 help="CPU threads per framework; 0: library defaults")
-  p.add_argument("--naive_max_gb", type=float, default=None,
-                 help="skip naive runs estimated above this (default: half "
-                 "of MemAvailable)")
-  p.add_argument("--no_naive", action="store_true")
-  p.add_argument("--no_torch", action="store_true")
-  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-  return p.parse_args(argv)
+flags.DEFINE_integer("min_b", 128, "smallest batch size", lower_bound=1)
+flags.DEFINE_integer("max_b", 2048, "largest batch size (powers of two from --min_b)", lower_bound=1)
+flags.DEFINE_list("strategies", list(STRATEGIES), "strategies to time")
+flags.DEFINE_integer("repeats", 5, "timed calls per configuration", lower_bound=1)
+flags.DEFINE_integer("dim", 128, "embedding length", lower_bound=1)
+flags.DEFINE_integer("k", 4, "images per identity", lower_bound=1)
+flags.DEFINE_float("margin", 0.2, "triplet margin")
+flags.DEFINE_integer("threads", 1, "CPU threads per framework; 0: library defaults", lower_bound=0)
+flags.DEFINE_float("naive_max_gb", None, "skip naive runs estimated above this (default: half "
+                   "of MemAvailable)")
+flags.DEFINE_bool("naive", True, "time the naive [B, B, B] formulation")
+flags.DEFINE_bool("torch", True, "time PyTorch when it is installed")
+flags.DEFINE_string("worker", "", "internal: run one IMPL:STRATEGY:B configuration, print JSON")
+FLAGS = flags.FLAGS
 
 
-def main(argv=None) -> None:
-  args = _parse(argv)
-  if args._worker:  # pylint: disable=protected-access
-    impl, strategy, b = args._worker.split(":")  # pylint: disable=protected-access
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
+  if args.worker:
+    impl, strategy, b = args.worker.split(":")
     print(json.dumps(_worker(impl, strategy, int(b), args)), flush=True)
     return
 
-  strategies = [s for s in args.strategies.split(",") if s]
+  strategies = [s for s in args.strategies if s]
   bad = [s for s in strategies if s not in STRATEGIES]
   if bad:
-    raise ValueError(f"--strategies: unknown {bad}, expected {STRATEGIES}")
+    raise app.UsageError(f"--strategies: unknown {bad}, expected {STRATEGIES}")
   sizes = []
   b = args.min_b
   while b <= args.max_b:
     sizes.append(b)
     b *= 2
   if not sizes or any(s % args.k for s in sizes):
-    raise ValueError(f"--min_b/--max_b: need sizes divisible by --k={args.k}")
+    raise app.UsageError(f"--min_b/--max_b: need sizes divisible by --k={args.k}")
   naive_max = (args.naive_max_gb if args.naive_max_gb is not None
                else 0.5 * _mem_available_gb())
-  use_torch = not args.no_torch and _torch_available()
+  use_torch = args.torch and _torch_available()
   print(f"triplet_loss benchmark: D={args.dim}, K={args.k} per identity, "
         f"margin={args.margin}, median of {args.repeats} jitted "
         f"value_and_grad calls, threads={args.threads or 'default'}, "
         f"cpus={os.cpu_count()}")
-  if not args.no_torch and not use_torch:
+  if args.torch and not use_torch:
     print(f"PyTorch not installed: torch columns skipped ({TORCH_HINT}).")
   print(f"naive B^3 runs limited to an estimated {naive_max:.1f} GB.")
 
@@ -340,7 +336,7 @@ def main(argv=None) -> None:
     for strategy in strategies:
       ours = _run_child("jaxface", strategy, b, args)
       naive = None
-      if not args.no_naive and strategy in NAIVE_STRATEGIES:
+      if args.naive and strategy in NAIVE_STRATEGIES:
         need = _naive_need_gb(b, strategy)
         if need > naive_max:
           naive = {"skip": f"skipped (needs {need:.0f} GB)"}
@@ -369,4 +365,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
