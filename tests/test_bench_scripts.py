@@ -16,11 +16,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(module, *args, timeout=300):
+def _run(module, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  r = subprocess.run([sys.executable, "-m", f"experiments.bench.{module}", *args], cwd=ROOT,
-                     env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run([sys.executable, "-m", f"experiments.bench.{module}", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def _bench(module, *args):
+  r = _run(module, *args)
   assert r.returncode == 0, r.stdout + r.stderr[-3000:]
   return r.stdout
 
@@ -42,7 +46,7 @@ def test_triplet_loss_bench_times_both_and_the_naive_loss_agrees():
 
 
 def test_encoder_step_bench_prints_both_xla_variants():
-  out = _bench("encoder_step", "--steps=1")
+  out = _bench("encoder_step", "--steps=1", "--config=tiny")
   rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
           if line.startswith("jax")}
   assert len(rows) == 2, out
@@ -71,7 +75,5 @@ def test_faces_bench_without_dlib_labels_the_reference_as_not_measured():
 
 
 def test_triplet_loss_bench_rejects_an_unknown_strategy_by_name():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "experiments.bench.triplet_loss", "--strategies=all,nearest"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  r = _run("triplet_loss", "--strategies=all,nearest")
   assert r.returncode != 0 and "nearest" in r.stderr and "Traceback" not in r.stderr

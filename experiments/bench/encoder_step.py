@@ -27,7 +27,8 @@ from absl import flags
 from experiments.flagutil import YNN_FLAG
 
 flags.DEFINE_integer("steps", 20, "timed steps per variant (after 3 warm-up steps)")
-flags.DEFINE_enum("config", "demo", ["demo", "att_orl"], "batch/model shapes to time")
+flags.DEFINE_enum("config", "demo", ["demo", "att_orl", "tiny"],
+                  "batch/model shapes to time (tiny: a few-second smoke run for the tests)")
 flags.DEFINE_string("worker", "", "internal: run one variant and print JSON")
 FLAGS = flags.FLAGS
 
@@ -37,6 +38,9 @@ def _config(name: str):
   from jaxface.train.config import TripletConfig
   if name == "demo":
     return TripletConfig(stem_stride=2, P=16, K=4, image_size=(64, 64), crop_size=(56, 56), channels=3)
+  if name == "tiny":
+    return TripletConfig(stem_stride=2, P=4, K=2, image_size=(32, 32), crop_size=(28, 28), channels=3,
+                         stem_width=8, widths=(8, 16), depths=(1, 1), embedding_dim=16)
   return TripletConfig(data="folder", data_path="x", stem_stride=1, P=15, K=5, image_size=(64, 52),
                        crop_size=(56, 48), channels=1)
 
