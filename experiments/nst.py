@@ -20,13 +20,14 @@ all) splits the batch of content images over devices; it must divide their
 number (jaxface.style.sharding). Under ``--distributed`` every process loads the
 images, the batch is split over the devices of all processes, all of them
 checkpoint together, and process 0 alone prints and writes the PNGs.
+Progress and warnings go to stderr; stdout gets the paths of the stylised
+images, one a line.
 """
 
 from absl import app
 from absl import flags
 
 from experiments import flagutil
-from jaxface import checkpointing
 from jaxface.style import config as config_lib
 
 flagutil.define_flags(config_lib.NSTConfig)
@@ -45,13 +46,17 @@ def main(argv):
   except ValueError as e:
     flagutil.fail(str(e))
   flagutil.start_distributed(cfg)  # before anything touches a device
-  from jaxface.style import transfer  # heavy imports after the config is known to be valid
+  from jaxface import checkpointing  # heavy imports after the config is known to be valid
+  from jaxface.style import transfer
   try:
-    transfer.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after,
-                 printer=lambda s: print(s, flush=True))
+    result = transfer.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after, printer=flagutil.progress)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, transfer.TransferError) as e:
     flagutil.fail(str(e))
+  import jax
+  if jax.process_index() == 0:  # one process speaks for all
+    for path in result.get("outputs", []):  # results on stdout; progress and warnings: stderr
+      print(path, flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

@@ -15,15 +15,25 @@ r"""Triplet-loss training of a face encoder.
   # must be one directory shared by all hosts (Filestore / gcsfuse mount)
   python -m experiments.triplet --flagfile=... --distributed=on --workdir=/mnt/shared/run
 
+  # any <identity>/<images> folder; LFW-style ones hold many identities with fewer
+  # than K images: --drop_small leaves them out (and says how many)
+  python -m experiments.triplet --data=folder --data_path=$JAXFACE_DATA/faces/lfw_subset \
+      --drop_small --workdir=runs/lfw
+
 Every field of ``jaxface.train.config.TripletConfig`` is a flag. A run always
-resumes from the latest checkpoint in ``--workdir``.
+resumes from the latest checkpoint in ``--workdir``. Progress, notes and
+warnings go to stderr; stdout gets the result files written (``metrics.json``,
+``roc.png``), one path a line. A wrong flag or input exits 2 with ``error:
+...`` on stderr; a run that fails before writing anything of value removes the
+``--workdir`` it created.
 """
+
+import os
 
 from absl import app
 from absl import flags
 
 from experiments import flagutil
-from jaxface import checkpointing
 from jaxface.train import config as config_lib
 
 flagutil.define_flags(config_lib.TripletConfig)
@@ -40,13 +50,22 @@ def main(argv):
   except ValueError as e:
     flagutil.fail(str(e))
   flagutil.start_distributed(cfg)  # before anything touches a device
-  from jaxface.train import triplet  # heavy imports after the config is known to be valid
+  from jaxface import checkpointing  # heavy imports after the config is known to be valid
+  from jaxface.train import triplet
+  workdir = FLAGS.workdir
+  existed = os.path.exists(workdir)
   try:
-    triplet.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after,
-                printer=lambda s: print(s, flush=True))
+    results = triplet.run(cfg, workdir, stop_after=FLAGS.stop_after, printer=flagutil.progress)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, triplet.TrainingError) as e:
+    if not existed:
+      flagutil.remove_if_worthless(workdir)  # a run that failed early leaves no empty workdir
     flagutil.fail(str(e))
+  import jax
+  if results and jax.process_index() == 0:  # results on stdout (progress: stderr): the files written
+    for name in ("metrics.json", "roc.png"):
+      if os.path.exists(os.path.join(workdir, name)):
+        print(os.path.join(workdir, name), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

@@ -6,7 +6,8 @@ r"""What do ConvNet units respond to? Top-9 receptive-field patches per unit, on
   python -m experiments.visualize --network=checkpoint:runs/att_orl --images=$JAXFACE_DATA/faces/att_orl
 
 Every field of ``jaxface.visualize.config.VisualizeConfig`` is a flag. Writes
-``layer{i}_{name}.png`` and ``summary.json`` into ``--workdir``.
+``layer{i}_{name}.png`` and ``summary.json`` into ``--workdir`` and their
+paths, one a line, to stdout (progress and warnings go to stderr).
 
 Default "layers 1-5" (``--layers`` picks any tap names; a wrong name lists them):
   dlib:     stem (7x7/2 conv, field 7 px), s1b3 (59 px), s2b4 (179 px), s3b3, s4b3
@@ -19,11 +20,12 @@ the image (--noclip pads them to the full field); when clipped, a red square
 marks the unit's own stride-sized cell.
 """
 
+import os
+
 from absl import app
 from absl import flags
 
 from experiments import flagutil
-from jaxface import checkpointing
 from jaxface.visualize import config as config_lib
 
 flagutil.define_flags(config_lib.VisualizeConfig)
@@ -38,12 +40,17 @@ def main(argv):
     cfg = flagutil.config_from_flags(config_lib.VisualizeConfig).validate()
   except ValueError as e:
     flagutil.fail(str(e))
-  from jaxface.visualize import run as run_lib  # heavy imports after the config is known to be valid
+  from jaxface import checkpointing  # heavy imports after the config is known to be valid
+  from jaxface.visualize import run as run_lib
   try:
-    run_lib.run(cfg, FLAGS.workdir, printer=lambda s: print(s, flush=True))
+    summary = run_lib.run(cfg, FLAGS.workdir, printer=flagutil.progress)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
     flagutil.fail(str(e))
+  # Results on stdout (progress and warnings went to stderr): the files written.
+  for layer in summary["layers"]:
+    print(os.path.join(FLAGS.workdir, layer["png"]), flush=True)
+  print(os.path.join(FLAGS.workdir, "summary.json"), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

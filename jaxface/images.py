@@ -32,7 +32,10 @@ Safety: a file or PIL image larger than ``max_pixels`` (default 178,956,970 =
 PIL's own hard limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS``) is refused with
 :class:`ImageTooLargeError` *before* any pixel is decoded; PIL's
 ``DecompressionBombWarning`` (emitted from half that size) never escapes, the
-explicit limit replaces it. ``max_pixels=None`` disables the check. Truncated,
+explicit limit replaces it. ``max_pixels=None`` disables the check. The
+default limit can be raised without code, e.g. for every command line, with
+the environment variable ``JAXFACE_MAX_IMAGE_PIXELS`` (a pixel count, or
+``none`` for no limit), read by :func:`default_max_pixels`. Truncated,
 corrupt or non-image files raise :class:`ImageError` (a ValueError) naming the
 path; a missing file is a ``FileNotFoundError``. Truncated files are only
 detected while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default;
@@ -42,6 +45,7 @@ this module never changes it).
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 import warnings
@@ -51,10 +55,23 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageError", "ImageTooLargeError", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageError", "ImageTooLargeError",
+           "default_max_pixels", "load_image"]
 
 # PIL's hard decompression-bomb limit with its default settings (2 x 89,478,485).
 DEFAULT_MAX_PIXELS = 178_956_970
+# Overrides DEFAULT_MAX_PIXELS for callers that pass no max_pixels: a count, or "none".
+MAX_PIXELS_ENV = "JAXFACE_MAX_IMAGE_PIXELS"
+
+
+class _FromEnv:
+  """load_image's default ``max_pixels``: :func:`default_max_pixels`, read at each call."""
+
+  def __repr__(self) -> str:
+    return "$" + MAX_PIXELS_ENV
+
+
+_FROM_ENV: Any = _FromEnv()
 
 # Serializes the rare calls that must lift PIL's global limit to honour a larger max_pixels.
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -73,7 +90,39 @@ class ImageTooLargeError(ImageError):
 # --------------------------------------------------------------------------
 
 
-def load_image(src: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def default_max_pixels() -> int | None:
+  """The pixel limit of :func:`load_image` when none is passed.
+
+  ``$JAXFACE_MAX_IMAGE_PIXELS`` when set (a positive integer; ``_`` and ``,``
+  separators allowed; ``none`` = no limit), else :data:`DEFAULT_MAX_PIXELS`.
+
+  Raises:
+    ValueError: naming the variable, for a value that is neither.
+  """
+  value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+  if not value:
+    return DEFAULT_MAX_PIXELS
+  if value.lower() == "none":
+    return None
+  try:
+    limit = int(value.replace("_", "").replace(",", ""))
+  except ValueError:
+    limit = 0
+  if limit < 1:
+    raise ValueError(f"${MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels "
+                     f"(default {DEFAULT_MAX_PIXELS:_}) or 'none' for no limit")
+  return limit
+
+
+def _how_to_allow(needed: int | None = None) -> str:
+  """How to raise the limit to ``needed`` pixels (unknown: twice the default)."""
+  larger = f"{needed or 2 * DEFAULT_MAX_PIXELS:_}"
+  return (f"to allow it, set the environment variable {MAX_PIXELS_ENV}={larger} (or 'none' "
+          f"for no limit), e.g. `{MAX_PIXELS_ENV}={larger} python -m experiments.faces ...`, or "
+          f"pass max_pixels=... to load_image")
+
+
+def load_image(src: Any, *, max_pixels: int | None = _FROM_ENV) -> np.ndarray:
   """Loads `src` as an RGB image.
 
   Args:
@@ -83,7 +132,8 @@ def load_image(src: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
       of dtype uint8, uint16 (>> 8), bool (0/255) or float in [0, 1].
     max_pixels: largest accepted ``H * W`` for files and PIL images, checked
       from the header before decoding; None = no limit. Arrays are already in
-      memory and are not limited.
+      memory and are not limited. Default: :func:`default_max_pixels`
+      (``$JAXFACE_MAX_IMAGE_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`).
 
   Returns:
     ``uint8 [H, W, 3]`` RGB, C-contiguous. A ``uint8 [H, W, 3]`` array input is
@@ -95,6 +145,8 @@ def load_image(src: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.n
       shape, dtype or values (NaN, float outside [0, 1]), unsupported type.
     FileNotFoundError: `src` is a path that does not exist.
   """
+  if max_pixels is _FROM_ENV:
+    max_pixels = default_max_pixels()
   if max_pixels is not None:
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
       raise ValueError(f"max_pixels: expected a positive int or None, got {max_pixels!r}")
@@ -130,7 +182,7 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, name: str) -> Non
   if max_pixels is not None and w * h > max_pixels:
     raise ImageTooLargeError(
         f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-        f"(possible decompression bomb); pass max_pixels=... to load_image to allow it")
+        f"(possible decompression bomb); {_how_to_allow(w * h)}")
 
 
 def _open(fp: Any, max_pixels: int | None) -> Image.Image:
@@ -161,7 +213,8 @@ def _load_file(name: str, fp: Any, max_pixels: int | None) -> np.ndarray:
   try:
     im = _open(fp, max_pixels)
   except Image.DecompressionBombError as e:
-    raise ImageTooLargeError(f"{name}: {e}; pass max_pixels=... to load_image to allow it") from e
+    size = re.search(r"\((\d+) pixels\)", str(e))  # PIL: "Image size (N pixels) exceeds ..."
+    raise ImageTooLargeError(f"{name}: {e}; {_how_to_allow(int(size[1]) if size else None)}") from e
   except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
     raise ImageError(f"{name}: not a readable image file: {e}") from e
   try:

@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
+import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from jaxface import paths
+from jaxface import staging
 from jaxface.checkpointing import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -250,32 +250,44 @@ def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
             "sha256": file_sha256(path)}
   if os.path.isdir(folder):
     return _read_entry(folder, expect)
+  _announce_conversion()
   tree = convert(path)
   if not isinstance(tree, dict):
     raise ValueError(f"convert({path!r}) must return a dict, got {type(tree).__name__}")
   parent = os.path.dirname(folder)
   try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    # In .<entry>.tmp-<host>-<pid>-*, after removing those of killed earlier processes.
+    tmp = staging.make_temp(folder)
   except OSError as e:
     log.warning("cannot write the weight cache in %s (%s); using the converted weights "
                 "without caching them", parent, e)
     return tree
-  try:
+  # The temp folder goes on any exception, Ctrl-C or SIGTERM.
+  with staging.removed_on_failure(tmp):
     _write_entry(tmp, tree, {**expect, "source": path})
     try:
       # Atomic publish: readers see either no entry or a complete one. Two
       # processes converting at once both finish; the second rename fails
       # because the folder exists, and that process keeps its own equal tree.
       os.rename(tmp, folder)
-      tmp = None
     except OSError:
       if not os.path.isdir(folder):
         raise
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
   return tree
+
+
+_announced = False
+
+
+def _announce_conversion() -> None:
+  """Says once per process, on stderr, that the models are being converted and where to."""
+  global _announced
+  if _announced:
+    return
+  _announced = True
+  print(f"jaxface: converting dlib's face models for their first use (once, a few seconds) into "
+        f"the cache {paths.cache_dir()} (set by $JAXFACE_CACHE, default ~/.cache/jaxface); "
+        f"later runs load them from there", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- models

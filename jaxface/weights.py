@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxface import checkpointing
 from jaxface import paths
+from jaxface import staging
 from jaxface.formats import vgg_weights
 from jaxface.formats.vgg_weights import VGGWeights
 
@@ -152,6 +153,22 @@ def _save_entry(entry_dir: str, weights: VGGWeights, meta: dict) -> None:
     ck.save(0, state, config, force=True)
 
 
+def _publish_entry(entry_dir: str, weights: VGGWeights, meta: dict) -> None:
+  """Saves the entry in a temporary sibling (``.<entry>.tmp-<host>-<pid>-*``) and renames
+  it into place: a conversion killed midway leaves no half-written entry that
+  later loads would take for a damaged cache. The temporary folder goes on any
+  exception, Ctrl-C or SIGTERM; those of killed earlier processes on the next
+  conversion (:mod:`jaxface.staging`)."""
+  tmp = staging.make_temp(entry_dir)
+  with staging.removed_on_failure(tmp):
+    _save_entry(tmp, weights, meta)
+    try:
+      os.rename(tmp, entry_dir)
+    except OSError:
+      if not os.path.isdir(entry_dir):  # another process published the same entry first
+        raise
+
+
 def _load_entry(entry_dir: str) -> VGGWeights:
   def damaged(why, cause=None):
     err = WeightsCacheError(
@@ -231,7 +248,7 @@ def convert(path: str, *, strict_shapes: bool = True, cache_root: str | None = N
     weights = vgg_weights.READERS[fmt](path, strict_shapes=strict_shapes)
     meta = {"format": fmt, "sha256": sha256, "md5": md5, "source_path": stamp[0],
             "source_size": stamp[1], "strict_shapes": strict_shapes}
-    _save_entry(entry_dir, weights, meta)
+    _publish_entry(entry_dir, weights, meta)
     log.info("converted %s (sha256 %s) into %s", path, sha256, entry_dir)
     index["entries"][name] = dict(meta, stamp=stamp)
     weights = _load_entry(entry_dir)  # what later calls will see; also checks the write
@@ -305,13 +322,23 @@ def load_vgg19(path: str | None = None, *, strict_shapes: bool = True,
 # ----------------------------------------------------------------------------- download
 
 class _Progress:
-  """A one-line progress bar on a stream: bytes, percent, MB/s, ETA."""
+  """Download progress on a stream: bytes, percent, MB/s, ETA.
 
-  def __init__(self, total: int | None, stream=None, interval: float = 0.2):
+  On a terminal one line is redrawn with ``\\r`` every ``interval`` seconds;
+  anywhere else (a log file, a pipe, CI) a plain line is written at most every
+  10% of the file or every ``log_interval`` seconds, and a last one at the end.
+  """
+
+  def __init__(self, total: int | None, stream=None, interval: float = 0.2,
+               log_interval: float = 5.0):
     self.total = total if total and total > 0 else None
     self.stream = stream if stream is not None else sys.stderr
-    self.interval = interval
-    self.done = 0
+    try:
+      self.tty = bool(self.stream.isatty())
+    except (AttributeError, ValueError, OSError):
+      self.tty = False
+    self.interval = interval if self.tty else log_interval
+    self.done = self.logged = 0
     self.start = self.last = time.monotonic()
 
   def line(self) -> str:
@@ -330,13 +357,16 @@ class _Progress:
   def update(self, n: int) -> None:
     self.done += n
     now = time.monotonic()
-    if now - self.last >= self.interval:
-      self.last = now
-      self.stream.write("\r" + self.line())
+    tenth = self.total is not None and not self.tty and self.done - self.logged >= self.total / 10
+    if now - self.last >= self.interval or tenth:
+      self.last, self.logged = now, self.done
+      self.stream.write("\r" + self.line() if self.tty else self.line().strip() + "\n")
       self.stream.flush()
 
   def close(self) -> None:
-    self.stream.write("\r" + self.line() + "\n")
+    if not self.tty and self.logged == self.done and self.done:
+      return  # the last line written already says it all
+    self.stream.write("\r" + self.line() + "\n" if self.tty else self.line().strip() + "\n")
     self.stream.flush()
 
 

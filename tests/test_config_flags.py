@@ -134,3 +134,105 @@ def test_tune_cpu_xla_adds_the_flag_once_and_respects_opt_out(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.0")
   flagutil.tune_cpu_xla()
   assert os.environ["XLA_FLAGS"] == ""
+
+
+ENTRY_POINTS = ["triplet", "nst", "visualize", "lfw_eval", "recognition_eval", "faces",
+                "bench.encoder_step", "bench.faces", "bench.gpu", "bench.identify",
+                "bench.nst_step", "bench.triplet_loss"]
+
+
+def test_every_entry_point_is_listed():
+  found = sorted(
+      [f"experiments.{n[:-3]}" for n in os.listdir(os.path.join(REPO, "experiments"))
+       if n.endswith(".py") and "__main__" in open(os.path.join(REPO, "experiments", n)).read()]
+      + [f"experiments.bench.{n[:-3]}" for n in os.listdir(os.path.join(REPO, "experiments", "bench"))
+         if n.endswith(".py") and "__main__" in open(os.path.join(REPO, "experiments", "bench", n)).read()])
+  assert found == sorted(f"experiments.{m}" for m in ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_unknown_flag_exits_2_naming_it_without_importing_jax(module, tmp_path):
+  # A sitecustomize hook fails the run if JAX is imported: parsing comes first and is fast.
+  (tmp_path / "sitecustomize.py").write_text(
+      "import sys\n"
+      "class _NoJax:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name == 'jax':\n"
+      "      raise ImportError('jax imported before the flags were parsed')\n"
+      "sys.meta_path.insert(0, _NoJax())\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO])}
+  r = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--no_such_flag=1"], cwd=REPO,
+                     capture_output=True, text=True, timeout=60, env=env)
+  assert r.returncode == 2, (module, r.returncode, r.stderr[-2000:])
+  assert r.stderr.startswith("error: ") and "no_such_flag" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_parse_flags_exit2_reports_a_bad_value(capsys):
+  fv = flags.FlagValues()
+  flagutil.define_flags(TripletConfig, fv)
+  saved = flags.FLAGS
+  try:
+    flags.FLAGS = fv  # parse_flags_exit2 parses the global FLAGS, as app.run does
+    with pytest.raises(SystemExit) as e:
+      flagutil.parse_flags_exit2(["prog", "--P=four"])
+  finally:
+    flags.FLAGS = saved
+  assert e.value.code == 2
+  assert capsys.readouterr().err.startswith("error: flag --P=four")
+
+
+def test_drop_small_is_a_flag_and_defaults_off():
+  assert TripletConfig().drop_small is False
+  assert _flags(["--drop_small"]).drop_small is True
+
+
+def test_remove_if_worthless_keeps_anything_of_value(tmp_path):
+  empty = tmp_path / "empty"
+  (empty / "checkpoints").mkdir(parents=True)
+  (empty / "config.json").write_text("{}")
+  assert flagutil.remove_if_worthless(str(empty)) and not empty.exists()
+  logged = tmp_path / "logged"
+  (logged / "member0").mkdir(parents=True)
+  (logged / "member0" / "train_log.jsonl").write_text("{}\n")
+  assert not flagutil.remove_if_worthless(str(logged)) and logged.exists()
+  assert not flagutil.remove_if_worthless(str(tmp_path / "missing"))
+
+
+def test_use_compilation_cache_sets_jax_env_once_and_respects_the_user(monkeypatch, tmp_path):
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAXFACE_NO_COMPILATION_CACHE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("JAXFACE_CACHE", str(tmp_path / "cache"))
+  assert flagutil.use_compilation_cache() == str(tmp_path / "cache" / "xla")
+  assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache" / "xla")
+  assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.1"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+  assert flagutil.use_compilation_cache() == str(tmp_path / "mine")
+  assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "2"
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("JAXFACE_NO_COMPILATION_CACHE", "1")
+  assert flagutil.use_compilation_cache() is None and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+
+
+def test_compilation_cache_is_used_by_a_second_process(tmp_path):
+  # The kernel compiled by the first process is loaded from the cache by the second.
+  script = ("import os, sys\n"
+            "from experiments import flagutil\n"
+            "flagutil.use_compilation_cache(min_compile_seconds=0)\n"
+            "import jax, jax.numpy as jnp\n"
+            "print(float(jax.jit(lambda x: jnp.sin(x) * 3 + x ** 2)(jnp.float32(2.0))))\n")
+  env = {**os.environ, "JAXFACE_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+  for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+            "JAXFACE_NO_COMPILATION_CACHE"):
+    env.pop(k, None)
+  first = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+  assert first.returncode == 0, first.stderr[-2000:]
+  entries = os.listdir(tmp_path / "cache" / "xla")
+  assert any(e.startswith("jit__lambda") for e in entries), entries
+  second = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "JAX_LOG_COMPILES": "1"},
+                          capture_output=True, text=True, timeout=120)
+  assert second.returncode == 0 and second.stdout == first.stdout
+  assert "Persistent compilation cache hit for 'jit__lambda'" in second.stderr, second.stderr[-3000:]

@@ -140,6 +140,26 @@ def test_validate_pk(caplog):
     src.validate_pk(_toy(["solo"], [5]), P=2, K=2)
 
 
+def test_small_identities_error_carries_what_a_caller_needs_to_rephrase_it():
+  s = _toy(["a", "b", "c", "d"], [4, 1, 5, 2])
+  with pytest.raises(src.SmallIdentitiesError, match="pass drop_small=True") as e:
+    src.validate_pk(s, P=2, K=3)
+  assert isinstance(e.value, ValueError)
+  assert (e.value.K, e.value.names, e.value.num_identities) == (3, ["b", "d"], 4)
+  np.testing.assert_array_equal(e.value.counts, [1, 2])
+  assert e.value.listing == "b (1), d (2)"
+
+
+def test_keep_identities_with_drops_small_ones_and_counts_them():
+  s = _toy(["a", "b", "c", "d"], [4, 1, 5, 2])
+  kept, dropped = src.keep_identities_with(s, 3)
+  assert kept.identity_names == ["a", "c"] and len(kept) == 9
+  np.testing.assert_array_equal(kept.images_per_identity(), [4, 5])
+  assert dropped == {"identities": 2, "images": 3, "names": ["b", "d"]}
+  same, none = src.keep_identities_with(s, 1)
+  assert same is s and none == {"identities": 0, "images": 0, "names": []}
+
+
 def test_validate_pk_truncates_long_lists():
   s = _toy([f"p{i}" for i in range(30)], [1] * 30, hw=(1, 1))
   with pytest.raises(ValueError, match=r"p19 \(1\), \.\.\. and 10 more"):

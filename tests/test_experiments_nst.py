@@ -31,9 +31,11 @@ def test_tiny_run_warns_about_random_weights_and_killed_run_resumes_bitwise(tmp_
   ref_dir, kill_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
   r = _nst(*TINY, f"--workdir={ref_dir}")
   assert r.returncode == 0, r.stderr
-  assert "NOT pretrained style transfer" in r.stdout and "python -m jaxface.weights fetch vgg19" in r.stdout
-  assert "ETA" in r.stdout and "scale 2/2 32x32" in r.stdout
+  # Warnings and progress on stderr; stdout holds only the result: the stylised image's path.
+  assert "NOT pretrained style transfer" in r.stderr and "python -m jaxface.weights fetch vgg19" in r.stderr
+  assert "ETA" in r.stderr and "scale 2/2 32x32" in r.stderr
   out = os.path.join(ref_dir, "scene_stylized.png")
+  assert r.stdout.splitlines() == [out]
   assert Image.open(out).size == (32, 32)
 
   env = _env(tmp_path / "cache")
@@ -51,7 +53,7 @@ def test_tiny_run_warns_about_random_weights_and_killed_run_resumes_bitwise(tmp_
   assert not os.path.exists(os.path.join(kill_dir, "scene_stylized.png"))
   r = _nst(*TINY, f"--workdir={kill_dir}")
   assert r.returncode == 0, r.stderr
-  assert "resumed from" in r.stdout
+  assert "resumed from" in r.stderr and r.stdout.splitlines() == [os.path.join(kill_dir, "scene_stylized.png")]
   np.testing.assert_array_equal(np.asarray(Image.open(out)),
                                 np.asarray(Image.open(os.path.join(kill_dir, "scene_stylized.png"))))
   ref_final = json.load(open(os.path.join(ref_dir, "result.json")))["final"]
@@ -86,3 +88,24 @@ def test_no_flags_equals_the_default_flagfile_and_passes_the_input_checks():
   assert from_file == NSTConfig()
   problem = transfer.prepare(NSTConfig())
   assert problem.shapes == [(128, 128), (256, 256)]
+
+
+def test_library_default_printer_keeps_stdout_clean(tmp_path, capsys, monkeypatch):
+  # transfer.run called without a printer: its warning and progress lines go to stderr.
+  monkeypatch.delenv("JAXFACE_VGG19", raising=False)
+  monkeypatch.setenv("JAXFACE_CACHE", str(tmp_path / "cache"))
+  from absl import flags as absl_flags
+  from experiments import flagutil
+  from jaxface.style import transfer
+  from jaxface.style.config import NSTConfig
+  fv = absl_flags.FlagValues()
+  flagutil.define_flags(NSTConfig, flag_values=fv)
+  absl_flags.DEFINE_string("workdir", "", "", flag_values=fv)
+  fv(["prog", "--flagfile=" + os.path.join(REPO, "experiments/configs/nst_tiny.flags"),
+      "--num_scales=1", "--steps=2", "--checkpoint_every=2"])
+  cfg = flagutil.config_from_flags(NSTConfig, flag_values=fv)
+  result = transfer.run(cfg, str(tmp_path / "w"))
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert "warning: no VGG19 weights found" in captured.err and "ETA" in captured.err
+  assert "done in" in captured.err and os.path.exists(result["outputs"][0])

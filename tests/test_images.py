@@ -297,12 +297,37 @@ def test_bomb_refused_by_override_limit(tmp_path):
   assert load_image(p, max_pixels=10000).shape == (100, 100, 3)
 
 
+def test_limit_can_be_raised_from_the_environment_and_the_message_says_how(tmp_path, monkeypatch):
+  p = tmp_path / "small.png"
+  Image.fromarray(np.zeros((100, 100), np.uint8)).save(p)
+  monkeypatch.setenv("JAXFACE_MAX_IMAGE_PIXELS", "9_999")
+  assert images.default_max_pixels() == 9999
+  with pytest.raises(ImageTooLargeError) as e:
+    load_image(p)
+  # The message names the variable and a value that lets this image through.
+  assert "exceeds the limit of 9,999" in str(e.value)
+  assert "JAXFACE_MAX_IMAGE_PIXELS=10_000" in str(e.value) and "max_pixels=" in str(e.value)
+  monkeypatch.setenv("JAXFACE_MAX_IMAGE_PIXELS", "10000")
+  assert load_image(p).shape == (100, 100, 3)
+  assert load_image(p, max_pixels=None).shape == (100, 100, 3)  # an explicit limit still wins
+  with pytest.raises(ImageTooLargeError):
+    load_image(p, max_pixels=5000)
+  monkeypatch.setenv("JAXFACE_MAX_IMAGE_PIXELS", "none")
+  assert images.default_max_pixels() is None
+  monkeypatch.setenv("JAXFACE_MAX_IMAGE_PIXELS", "lots")
+  with pytest.raises(ValueError, match=r"\$JAXFACE_MAX_IMAGE_PIXELS='lots': expected a positive"):
+    load_image(p)
+  monkeypatch.delenv("JAXFACE_MAX_IMAGE_PIXELS")
+  assert images.default_max_pixels() == images.DEFAULT_MAX_PIXELS
+
+
 def test_huge_header_refused_before_decoding(tmp_path):
   # 100k x 100k declared (30 GB decoded) with no pixel data: refused from the header alone.
   p = tmp_path / "bomb.png"
   p.write_bytes(png_bytes(100_000, 100_000, 8, 2, None))
-  with pytest.raises(ImageTooLargeError, match="bomb.png"):
+  with pytest.raises(ImageTooLargeError, match="bomb.png") as e:
     load_image(p)
+  assert "JAXFACE_MAX_IMAGE_PIXELS=10_000_000_000" in str(e.value)
 
 
 def test_pil_bomb_warning_never_escapes_and_limit_restored(tmp_path, monkeypatch):

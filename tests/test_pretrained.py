@@ -276,3 +276,115 @@ def test_two_processes_converting_at_once_leave_one_valid_entry(fake_models, tmp
   assert os.listdir(paths.cache_dir()) == [os.path.basename(entry)]
   got = pretrained.cached("resnet", "1", lambda p: pytest.fail("converted again"))
   assert got["who"] in ("p1", "p2") and got["w"].sum() == 499500.0
+
+
+# --------------------------------------------------------------------------- first use, killed runs
+
+
+def test_first_conversion_says_once_on_stderr_where_the_cache_is(fake_models, capsys, monkeypatch):
+  monkeypatch.setattr(pretrained, "_announced", False)
+  pretrained.cached("mmod", "1", lambda p: {"v": np.ones(2, np.float32)})
+  pretrained.cached("shape5", "1", lambda p: {"v": np.ones(3, np.float32)})
+  out, err = capsys.readouterr()
+  assert out == ""
+  assert err.count("converting dlib's face models") == 1, err
+  assert paths.cache_dir() in err and "$JAXFACE_CACHE" in err and "~/.cache/jaxface" in err
+  # Restoring from the cache (a later run) says nothing.
+  monkeypatch.setattr(pretrained, "_announced", False)
+  pretrained.cached("mmod", "1", lambda p: pytest.fail("converted again"))
+  assert capsys.readouterr().err == ""
+
+
+_SLOW_WRITER = (
+    "import sys, time, numpy as np\n"
+    "from jaxface import pretrained\n"
+    "pretrained._models_dir = lambda: sys.argv[1]\n"
+    "real = pretrained._write_entry\n"
+    "def slow(folder, tree, meta):\n"
+    "  real(folder, tree, meta)\n"
+    "  print('writing', folder, flush=True)\n"
+    "  time.sleep(60)\n"
+    "pretrained._write_entry = slow\n"
+    "pretrained.cached('resnet', '1', lambda p: {'w': np.arange(10, dtype=np.float32)})\n")
+
+
+def _start_slow_conversion(fake_models):
+  import subprocess
+  import sys
+  import jaxface
+  root = os.path.dirname(os.path.dirname(os.path.abspath(jaxface.__file__)))
+  env = {**os.environ, "JAXFACE_CACHE": paths.cache_dir(), "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(fake_models)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()
+  assert line.startswith("writing "), proc.stderr.read()[-2000:]
+  tmp = line.split(" ", 1)[1].strip()
+  assert os.path.basename(tmp).startswith(f".{os.path.basename(pretrained.cache_entry('resnet', '1'))}"
+                                          f".tmp-") and f"-{proc.pid}-" in os.path.basename(tmp)
+  assert os.path.isdir(tmp)
+  return proc, tmp
+
+
+def _temps():
+  return [n for n in os.listdir(paths.cache_dir()) if ".tmp-" in n]
+
+
+def test_conversion_killed_outright_is_cleaned_up_by_the_next_one(fake_models):
+  import signal
+  proc, tmp = _start_slow_conversion(fake_models)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  proc.stdout.close()
+  proc.stderr.close()
+  assert os.path.isdir(tmp)  # SIGKILL runs no cleanup ...
+  out = pretrained.cached("resnet", "1", lambda p: {"w": np.arange(10, dtype=np.float32)})
+  assert out["w"].sum() == 45
+  assert _temps() == []      # ... the next conversion removes the dead process's folder
+  assert os.listdir(paths.cache_dir()) == [os.path.basename(pretrained.cache_entry("resnet", "1"))]
+
+
+def test_sigterm_during_conversion_removes_its_temp_folder(fake_models):
+  import signal
+  proc, tmp = _start_slow_conversion(fake_models)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+  proc.stdout.close()
+  proc.stderr.close()
+  assert not os.path.exists(tmp) and _temps() == []
+
+
+def test_exception_or_interrupt_while_writing_removes_the_temp_folder(fake_models, monkeypatch):
+  real = pretrained._write_entry
+
+  def interrupted(folder, tree, meta):
+    real(folder, tree, meta)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(pretrained, "_write_entry", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pretrained.cached("mmod", "1", lambda p: {"v": np.ones(2, np.float32)})
+  assert os.listdir(paths.cache_dir()) == []
+
+
+def test_only_stale_temp_folders_are_removed(fake_models):
+  import subprocess
+  import sys
+  import time
+  from jaxface import staging
+  entry = pretrained.cache_entry("mmod", "1")
+  prefix = os.path.join(paths.cache_dir(), f".{os.path.basename(entry)}.tmp-{staging._host()}-")
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  os.makedirs(f"{prefix}{dead.pid}-abc")                  # its process is gone
+  os.makedirs(f"{prefix}{os.getppid()}-live")             # a live process: kept
+  old = os.path.join(paths.cache_dir(), f".{os.path.basename(entry)}.tmp-otherhost-1-x")
+  os.makedirs(old)                                        # another host's, 20 minutes old
+  os.utime(old, (time.time() - 1200,) * 2)
+  young = os.path.join(paths.cache_dir(), f".{os.path.basename(entry)}.tmp-otherhost-2-y")
+  os.makedirs(young)                                      # another host's, just made: kept
+  other = os.path.join(paths.cache_dir(), f".resnet-1-x.tmp-{staging._host()}-{dead.pid}-z")
+  os.makedirs(other)                                      # another entry's: not this one's to judge
+  pretrained.cached("mmod", "1", lambda p: {"v": np.ones(2, np.float32)})
+  assert sorted(_temps()) == sorted(os.path.basename(p) for p in
+                                    (f"{prefix}{os.getppid()}-live", young, other))

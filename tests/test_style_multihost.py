@@ -10,6 +10,7 @@ put on the children's PYTHONPATH): the command run is still exactly
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -92,12 +93,14 @@ def _finish(procs, timeout=180):
         p.kill()
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
-  return [out for out, _ in outs]
+  return outs  # (stdout, stderr) of each
 
 
-def _said(out):
-  # gloo's C++ code prints its connection lines to stdout in every process.
-  return [l for l in out.splitlines() if l.strip() and not l.startswith("[Gloo]")]
+def _said(text):
+  # gloo's C++ code prints its connection lines to stdout in every process; JAX's
+  # C++ logs (glog: "I1207 12:00:00.000 ...") go to stderr beside the progress lines.
+  return [l for l in text.splitlines() if l.strip() and not l.startswith("[Gloo]")
+          and not re.match(r"[IWEF]\d{4} \d\d:\d\d:\d\d", l)]
 
 
 def _written(tmp_path, pid, workdir):
@@ -113,9 +116,11 @@ def test_two_processes_stylise_like_one_process_resume_and_only_process_0_writes
   run, ref = tmp_path / "run", tmp_path / "ref"
   # Reference (1 process, 4 devices) alongside the first, stopped, 2-process run.
   procs = [_start([f"--workdir={ref}"], _env(tmp_path, 4))] + _pair(tmp_path, run, ["--stop_after=4"])
-  ref_out, *outs = _finish(procs)
-  assert "batch sharded over 4 cpu devices" in ref_out
-  said0, said1 = _said(outs[0]), _said(outs[1])
+  (_, ref_err), *outs = _finish(procs)
+  # Progress goes to stderr (process 0's only); stdout holds results: none for a stopped run.
+  assert "batch sharded over 4 cpu devices" in ref_err
+  assert _said(outs[0][0]) == [] and _said(outs[1][0]) == []
+  said0, said1 = _said(outs[0][1]), _said(outs[1][1])
   assert any("batch sharded over 4 cpu devices in 2 processes" in l for l in said0), said0
   assert sum(l.startswith("scale ") for l in said0) == 4
   assert said0[-1] == "stopped at step 4 (stop_after); resume with the same --workdir"
@@ -124,7 +129,9 @@ def test_two_processes_stylise_like_one_process_resume_and_only_process_0_writes
   assert sorted(os.listdir(run / "snapshots")) == [f"step000003_{n}.png" for n in NAMES]
 
   outs = _finish(_pair(tmp_path, run))          # the same command again: resumes at step 4
-  said0, said1 = _said(outs[0]), _said(outs[1])
+  assert _said(outs[0][0]) == [str(run / f"{n}_stylized.png") for n in NAMES]
+  assert _said(outs[1][0]) == []
+  said0, said1 = _said(outs[0][1]), _said(outs[1][1])
   assert any(l.startswith(f"resumed from {run / 'checkpoints' / '4'} (scale 2/2)") for l in said0)
   assert [l.split("step")[1].split("/")[0].strip() for l in said0 if l.startswith("scale ")] == ["5", "6"]
   assert said0[-1].startswith("done in ") and said1 == []

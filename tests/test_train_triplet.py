@@ -163,7 +163,8 @@ def test_killed_process_resumes_to_bitwise_identical_parameters(tmp_path):
   r = subprocess.run(cmd + [f"--workdir={kill_dir}"], cwd=REPO, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr
-  assert "resumed from" in r.stdout
+  assert "resumed from" in r.stderr  # progress on stderr; stdout holds the result files
+  assert r.stdout.split() == [os.path.join(kill_dir, "metrics.json"), os.path.join(kill_dir, "roc.png")]
   _assert_trees_equal(_params(ref_dir)[0], _params(kill_dir)[0])
   assert json.load(open(os.path.join(ref_dir, "metrics.json"))) == \
       json.load(open(os.path.join(kill_dir, "metrics.json")))

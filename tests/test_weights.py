@@ -234,3 +234,65 @@ def test_cli_info_convert_and_fetch_errors(cache, tmp_path, capsys):
   assert os.listdir(dest) == []
   with pytest.raises(SystemExit):
     W.main(["fetch", "resnet"])
+
+
+class _Stream(io.StringIO):
+  def __init__(self, tty):
+    super().__init__()
+    self.tty = tty
+
+  def isatty(self):
+    return self.tty
+
+
+def test_download_progress_is_plain_lines_when_not_a_terminal(tmp_path):
+  data = b"x" * 100_000
+  log = _Stream(tty=False)
+  W.download("https://example.invalid/f", str(tmp_path / "f"), opener=lambda url: _FakeResponse(data),
+             chunk=1000, stream=log)
+  text = log.getvalue()
+  assert "\r" not in text
+  lines = text.splitlines()
+  # 100 chunks: a line every 10% of the file, the last one at 100%, none repeated.
+  assert 5 <= len(lines) <= 11 and lines[-1].startswith("0.1/0.1 MB 100.0%"), lines
+  assert len(set(lines)) == len(lines)
+  term = _Stream(tty=True)
+  W.download("https://example.invalid/g", str(tmp_path / "g"), opener=lambda url: _FakeResponse(data),
+             chunk=1000, stream=term)
+  assert term.getvalue().startswith("\r") and term.getvalue().endswith("\n")
+  assert term.getvalue().count("\n") == 1  # one redrawn line
+
+
+def _vgg_entry(cache, path):
+  sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return cache / "vgg19" / f"torchvision-pth-{sha[:16]}-loose"
+
+
+def test_conversion_killed_midway_leaves_no_entry_and_its_temp_folder_is_cleaned(cache, tmp_path,
+                                                                                 monkeypatch):
+  import subprocess
+  import sys
+  from jaxface import staging
+  path, params = _torch_file(tmp_path)
+  entry = _vgg_entry(cache, path)
+  # A killed conversion left its temp folder (a dead process's, half-written) behind.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  stale = entry.parent / f".{entry.name}.tmp-{staging._host()}-{dead.pid}-abc"
+  (stale / "checkpoints").mkdir(parents=True)
+  # An interrupted conversion removes its own and publishes nothing.
+  real = W._save_entry
+
+  def interrupted(entry_dir, weights, meta):
+    real(entry_dir, weights, meta)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(W, "_save_entry", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    W.load_vgg19(path, strict_shapes=False)
+  assert not entry.exists() and not stale.exists()
+  assert [n for n in os.listdir(entry.parent) if ".tmp-" in n] == []
+  monkeypatch.setattr(W, "_save_entry", real)
+  w = W.load_vgg19(path, strict_shapes=False)  # converts again, cleanly
+  assert_params_equal(w.params, params)
+  assert sorted(os.listdir(entry.parent)) == ["index.json", entry.name]

@@ -228,4 +228,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

@@ -365,4 +365,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import flagutil as _flagutil
+  app.run(main, flags_parser=_flagutil.parse_flags_exit2)

@@ -20,6 +20,8 @@ _EXPORTS = {
     "subset_identities": "source",
     "split_by_identity": "source",
     "validate_pk": "source",
+    "keep_identities_with": "source",
+    "SmallIdentitiesError": "source",
     "natural_key": "source",
     "synthetic_faces": "synthetic",
     "synthetic_signals": "synthetic_nd",

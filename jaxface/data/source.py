@@ -270,6 +270,37 @@ def _describe(names: Sequence[str], counts: np.ndarray) -> str:
   return shown
 
 
+class SmallIdentitiesError(ValueError):
+  """Identities with fewer than K images, and ``drop_small`` not set.
+
+  ``K``, ``names`` and ``counts`` (of the small identities), ``num_identities``
+  and ``listing`` (their names and counts, shortened) let a caller re-phrase
+  the message for its own settings (a command line names ``--drop_small``).
+  """
+
+  def __init__(self, message: str, *, K: int, names: list[str], counts: np.ndarray,
+               num_identities: int, listing: str):
+    super().__init__(message)
+    self.K, self.names, self.counts = K, names, counts
+    self.num_identities, self.listing = num_identities, listing
+
+
+def keep_identities_with(source: ImageSource, min_images: int) -> tuple[ImageSource, dict]:
+  """The identities of ``source`` with at least ``min_images`` images.
+
+  Returns:
+    (the source restricted to them, relabelled 0..k-1 in their original order;
+    ``{"identities": left out, "images": their images, "names": their names}``).
+  """
+  counts = source.images_per_identity()
+  small = np.flatnonzero(counts < min_images)
+  dropped = {"identities": int(small.size), "images": int(counts[small].sum()),
+             "names": [source.identity_names[i] for i in small]}
+  if not small.size:
+    return source, dropped
+  return subset_identities(source, np.flatnonzero(counts >= min_images)), dropped
+
+
 def validate_pk(source: ImageSource, P: int, K: int, drop_small: bool = False) -> np.ndarray:
   """Checks, before training, that P x K triplet batches can be drawn.
 
@@ -300,9 +331,11 @@ def validate_pk(source: ImageSource, P: int, K: int, drop_small: bool = False) -
   if small.size:
     what = _describe([source.identity_names[i] for i in small], counts[small])
     if not drop_small:
-      raise ValueError(
+      raise SmallIdentitiesError(
           f"K={K} is larger than the number of images of {small.size} of {n} identities: "
-          f"{what}. Lower K, or pass drop_small=True to leave those identities out")
+          f"{what}. Lower K, or pass drop_small=True to leave those identities out",
+          K=K, names=[source.identity_names[i] for i in small], counts=counts[small],
+          num_identities=n, listing=what)
     _log.warning("leaving out %d of %d identities with fewer than K=%d images: %s",
                  small.size, n, K, what)
   eligible = np.flatnonzero(counts >= K).astype(np.int32)

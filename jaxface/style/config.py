@@ -13,7 +13,6 @@ import math
 
 from jaxface.config_dict import JsonConfig
 
-from jaxface.models import vgg19
 
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("noise", "content", "content_noise")
@@ -114,12 +113,14 @@ class NSTConfig(JsonConfig):
                  for k in range(self.num_scales))
 
   def last_layer(self) -> str:
+    from jaxface.models import vgg19  # imports JAX: only once a run needs it
     return vgg19.deepest([self.content_layer, *self.style_lambdas()])
 
   # ------------------------------------------------------------------ checks
 
   def validate(self) -> "NSTConfig":
     """Raises ValueError naming the first bad setting (images are checked by ``run``)."""
+    from jaxface.models import vgg19  # imports JAX: after the flags are parsed
     def bad(name, why):
       v = getattr(self, name)
       shown = ",".join(map(str, v)) if isinstance(v, tuple) else repr(v)

@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -136,7 +137,12 @@ def scale_images(cfg: NSTConfig, problem: Problem, k: int) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- network
 
 
-def load_weights(cfg: NSTConfig, printer: Callable[[str], None] = print):
+def _stderr(line: str) -> None:
+  """The default printer: progress and warnings go to stderr (results are files)."""
+  print(line, file=sys.stderr, flush=True)
+
+
+def load_weights(cfg: NSTConfig, printer: Callable[[str], None] = _stderr):
   """The VGGWeights to use, or None (random features, with a printed warning).
 
   ``--weights=PATH`` reads and caches that file (errors propagate); otherwise
@@ -433,7 +439,7 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 
 
 def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
-        printer: Callable[[str], None] = print) -> dict:
+        printer: Callable[[str], None] = _stderr) -> dict:
   """Style transfer (resuming from ``workdir``); writes the stylised PNGs there.
 
   Args:
@@ -443,8 +449,8 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
       ``result.json``.
     stop_after: stop (checkpointed) once this global step is reached, as a
       pre-empted job would.
-    printer: where progress lines go (process 0's; the other processes of a
-      multi-process run are silent).
+    printer: where progress lines and warnings go (default: stderr; process
+      0's; the other processes of a multi-process run are silent).
 
   Returns:
     ``{"outputs": [paths], "final": {metric: value}, "steps": n, "images":

@@ -34,6 +34,10 @@ pixels fitted on the training identities (``jaxface.train.fisher``).
 with ``fisher_weight > 0`` too, the Fisherfaces scores are S-normed against
 the training images' projections and added with that weight (score-level
 fusion) instead of concatenated.
+``drop_small`` leaves out identities with fewer than ``K`` images (most of an
+LFW-style folder holds one or two per person) before the held-out split, so
+training and evaluation see only identities with at least ``K`` images; without
+it such identities are an error that names them.
 ``extra_synthetic=N`` appends N procedural identities (``synthetic_images``
 images each, ``jaxface.data.mix``) to the training identities of real data.
 
@@ -52,9 +56,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import typing
+
 from jaxface.config_dict import JsonConfig
 
-from jaxface.models.encoder import EncoderSpec
+if typing.TYPE_CHECKING:  # the model module imports JAX: only when a spec is built
+  from jaxface.models.encoder import EncoderSpec
 
 STRATEGIES = ("all", "all_active", "hard", "semihard")
 INITS = ("scratch", "dlib")
@@ -98,6 +105,7 @@ class TripletConfig(JsonConfig):
   num_holdout: int = 24                   # identities held out for evaluation (last by natural sort)
   holdout_seed: int = -1                  # >= 0: choose held-out identities at random with this seed
   on_bad_image: str = "warn"              # warn (skip and name the file) | raise
+  drop_small: bool = False                # leave out identities with fewer than K images (LFW-style folders)
   align: str = "none"                     # folder: none | dlib (aligned chips: pretrained detector + landmarks)
   align_padding: float = 0.25             # --align=dlib: chip padding (0.25 = eyebrows to chin)
   # --- batches and loss
@@ -309,6 +317,7 @@ class TripletConfig(JsonConfig):
     return DlibResNetSpec(l2_normalize=self.l2_normalize)
 
   def encoder_spec(self) -> EncoderSpec:
+    from jaxface.models.encoder import EncoderSpec
     return EncoderSpec(spatial_rank=self.spatial_rank, in_channels=self.channels,
                        embedding_dim=self.embedding_dim, stem_width=self.stem_width, stem_stride=self.stem_stride,
                        widths=self.widths, depths=self.depths, l2_normalize=self.l2_normalize,

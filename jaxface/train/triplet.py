@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -55,11 +56,16 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------- data
 
 
-def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def load_source(cfg: TripletConfig, printer: Callable[[str], None] = _stderr) -> source_lib.ImageSource:
   """Builds the configured source: ``[N, H, W, C] uint8`` images with labels.
 
   With ``cfg.spatial_rank`` 1 or 3 the samples are synthetic signals
-  ``[N, T, C]`` or volumes ``[N, D, H, W, C]``.
+  ``[N, T, C]`` or volumes ``[N, D, H, W, C]``. ``printer`` hears which images
+  alignment found no face in.
   """
   size = tuple(cfg.image_size)
   if cfg.data == "synthetic" and cfg.spatial_rank != 2:
@@ -83,9 +89,8 @@ def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
                                    channels=cfg.channels, on_error=cfg.on_bad_image,
                                    align=cfg.align, align_padding=cfg.align_padding)
     if cfg.align != "none":
-      print(f"aligned faces (--align={cfg.align}): no face found in {len(src.align_missed)} of "
-            f"{len(src)} images (centre crop used)" + "".join(f"\n  {p}" for p in src.align_missed),
-            flush=True)
+      printer(f"aligned faces (--align={cfg.align}): no face found in {len(src.align_missed)} of "
+              f"{len(src)} images (centre crop used)" + "".join(f"\n  {p}" for p in src.align_missed))
     return src
   from jaxface.data import tfds_source
   return tfds_source.TfdsSource(cfg.tfds_name, split=cfg.tfds_split,
@@ -93,16 +98,44 @@ def load_source(cfg: TripletConfig) -> source_lib.ImageSource:
                                 image_size=size, channels=cfg.channels)
 
 
-def prepare_data(cfg: TripletConfig, source: source_lib.ImageSource | None = None):
+def drop_small_identities(cfg: TripletConfig, source: source_lib.ImageSource,
+                          printer: Callable[[str], None] = lambda s: None) -> source_lib.ImageSource:
+  """``cfg.drop_small``: ``source`` without its identities of fewer than K images.
+
+  Says (through ``printer``) how many identities and images were left out and
+  how many remain.
+
+  Raises:
+    ValueError: fewer than P training plus ``num_holdout`` held-out identities remain.
+  """
+  total_ids, total_images = source.num_identities, len(source)
+  kept, dropped = source_lib.keep_identities_with(source, cfg.K)
+  printer(f"--drop_small: left out {dropped['identities']} of {total_ids} identities "
+          f"({dropped['images']} of {total_images} images) with fewer than --K={cfg.K} images; "
+          f"{kept.num_identities} identities ({len(kept)} images) remain")
+  if kept.num_identities < cfg.P + cfg.num_holdout:
+    raise ValueError(
+        f"--drop_small: only {kept.num_identities} of {total_ids} identities have at least "
+        f"--K={cfg.K} images; training needs --P={cfg.P} identities plus --num_holdout="
+        f"{cfg.num_holdout} held out ({cfg.P + cfg.num_holdout}). Lower --K, --P or "
+        f"--num_holdout, or add images")
+  return kept
+
+
+def prepare_data(cfg: TripletConfig, source: source_lib.ImageSource | None = None,
+                 printer: Callable[[str], None] = lambda s: None):
   """Loads and splits the data and checks it fits P x K before any compute.
 
   ``source``: already loaded data (the members of an ensemble share the data
-  of the ensemble's seed; synthetic data depends on the seed).
+  of the ensemble's seed; synthetic data depends on the seed). ``printer``
+  hears what ``cfg.drop_small`` left out.
 
   Returns:
     (train source, held-out source, sampler over the train source).
   """
-  source = load_source(cfg) if source is None else source
+  source = load_source(cfg, printer) if source is None else source
+  if cfg.drop_small:
+    source = drop_small_identities(cfg, source, printer)
   if len(source.identity_names) < 2:
     raise ValueError(f"the data has {len(source.identity_names)} identities; training needs >= 2")
   seed = cfg.holdout_seed if cfg.holdout_seed >= 0 else None
@@ -111,7 +144,13 @@ def prepare_data(cfg: TripletConfig, source: source_lib.ImageSource | None = Non
     from jaxface.data import mix  # procedural identities appended to the training side only
     train_src = mix.with_synthetic(train_src, cfg.extra_synthetic, cfg.synthetic_images,
                                    seed=cfg.seed)
-  source_lib.validate_pk(train_src, cfg.P, cfg.K)
+  try:
+    source_lib.validate_pk(train_src, cfg.P, cfg.K, drop_small=cfg.drop_small)
+  except source_lib.SmallIdentitiesError as e:
+    raise ValueError(
+        f"--K={e.K} is larger than the number of images of {len(e.names)} of {e.num_identities} "
+        f"training identities: {e.listing}. Lower --K, or pass --drop_small to leave those "
+        f"identities out") from None
   sampler = sampler_lib.PKSampler(train_src.labels, cfg.P, cfg.K, seed=cfg.seed)
   return train_src, holdout_src, sampler
 
@@ -657,7 +696,7 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
-        printer: Callable[[str], None] = print) -> dict:
+        printer: Callable[[str], None] = _stderr) -> dict:
   """Trains (resuming from ``workdir``) and evaluates on held-out identities.
 
   Args:
@@ -666,7 +705,7 @@ def run(cfg: TripletConfig, workdir: str, *, stop_after: int | None = None,
       ``metrics.json``, ``roc.png``.
     stop_after: stop (after checkpointing) once this step is reached, as a
       pre-empted job would; used by the resume tests.
-    printer: where progress lines go.
+    printer: where progress lines go (default: stderr).
 
   Returns:
     The final ``eval/...`` metrics (empty when stopped early).
@@ -737,13 +776,13 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
   with unit-norm members the concatenation divided by sqrt(#members) is unit
   norm and its squared distance is the members' mean squared distance.
   """
+  source = load_source(cfg, printer)  # before the workdir: a bad input leaves none
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
   embs, cohorts, holdout_src, member_acc = [], [], None, []
-  source = load_source(cfg)
   for i in range(cfg.ensemble):
     member = dataclasses.replace(cfg, seed=cfg.seed + i, ensemble=1)
     keep: dict = {}
@@ -775,8 +814,8 @@ def _run_ensemble(cfg: TripletConfig, workdir: str, stop_after: int | None,
 def _run_single(cfg: TripletConfig, workdir: str, stop_after: int | None,
                 printer: Callable[[str], None], keep: dict,
                 source: source_lib.ImageSource | None = None, mesh=None) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  train_src, holdout_src, sampler = prepare_data(cfg, source)
+  train_src, holdout_src, sampler = prepare_data(cfg, source, printer)
+  os.makedirs(workdir, exist_ok=True)  # after the data checks: a bad input leaves no workdir
   printer(f"data: {len(train_src)} train images of {len(train_src.identity_names)} identities, "
           f"{len(holdout_src)} held-out images of {len(holdout_src.identity_names)} identities, "
           f"image {train_src.image_shape}, batch {cfg.P}x{cfg.K}")
