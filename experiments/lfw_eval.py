@@ -7,8 +7,11 @@ Each image a pair needs is embedded once, through the whole pipeline on the
 full 250x250 photo: ``faces.detect`` -> ``faces.landmarks`` -> ``faces.chips``
 -> ``faces.embed``. When several faces are found, the one whose box centre is
 nearest the image centre is used (LFW photos are centred on the named person;
-ties go to the larger box). Embeddings are cached in ``--workdir`` (one file
-per detector setting), so a rerun or a resumed run only embeds what is new.
+ties go to the larger box); ``--face=largest`` takes the largest box instead,
+and ``--face=main`` the one-face rule of the library and the faces CLI (the
+largest box wholly inside the photo, ``jaxface.recognition.encoders.largest``).
+Embeddings are cached in ``--workdir`` (one file
+per detector setting and face choice), so a rerun or a resumed run only embeds what is new.
 
 Reported (printed and written to ``<workdir>/lfw_metrics.json``):
 
@@ -31,6 +34,7 @@ or ``F N`` (F folds of N matched + N mismatched); then one pair per line,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -145,23 +149,42 @@ def read_pairs(path: str) -> Pairs:
 # --------------------------------------------------------------------------
 
 
-def pick_face(boxes: np.ndarray, height: int, width: int) -> int:
-  """Index of the box whose centre is nearest the image centre (ties: larger box)."""
+FACE_CHOICES = ("centre", "largest", "main")
+_FACE_WORDS = {"centre": "nearest the centre", "largest": "the largest box",
+               "main": "the largest box inside the photo"}
+
+
+def pick_face(boxes: np.ndarray, height: int, width: int, how: str = "centre") -> int:
+  """Index of the face to use among several boxes.
+
+  ``how="centre"``: the box whose centre is nearest the image centre (ties:
+  larger box); ``"largest"``: the largest box (ties: nearer the centre);
+  ``"main"``: :func:`jaxface.recognition.encoders.largest`, what one-face
+  commands use (the largest box wholly inside the image).
+  """
+  if how not in FACE_CHOICES:
+    raise ValueError(f"--face: expected one of {FACE_CHOICES}, got {how!r}")
+  if how == "main":
+    from jaxface.recognition import encoders
+    return encoders.largest(boxes, (height, width))
   b = np.asarray(boxes, np.float64)
   cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
   d2 = (cx - (width - 1) / 2) ** 2 + (cy - (height - 1) / 2) ** 2
   area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-  return int(np.lexsort((-area, d2))[0])
+  return int(np.lexsort((-area, d2) if how == "centre" else (d2, -area))[0])
 
 
-def embed_image(path: str, upsample: int):
-  """(embedding float32 [128] or None, box int [4] or None, faces found) for one photo."""
+def embed_image(path: str, upsample: int, face: str = "centre"):
+  """(embedding float32 [128] or None, box int [4] or None, faces found) for one photo.
+
+  ``face``: which of several faces to use (:func:`pick_face`).
+  """
   from jaxface import faces
   img = faces.load_image(path)
   boxes = faces.detect(img, upsample=upsample)
   if boxes.shape[0] == 0:
     return None, None, 0
-  k = pick_face(boxes, img.shape[0], img.shape[1])
+  k = pick_face(boxes, img.shape[0], img.shape[1], face)
   box = boxes[k:k + 1]
   emb = faces.embed(faces.chips(img, faces.landmarks(img, box)))
   return emb[0], box[0], int(boxes.shape[0])
@@ -189,11 +212,14 @@ def pipeline_fingerprint() -> str:
 class EmbeddingCache:
   """``<workdir>/lfw_embeddings_up<U>.npz``: relpath -> embedding / box / faces found.
 
-  Entries computed by other pipeline code (``fingerprint`` differs) are dropped.
+  ``lfw_embeddings_up<U>_largest.npz`` for ``face="largest"`` (the default
+  ``"centre"`` keeps the plain name). Entries computed by other pipeline code
+  (``fingerprint`` differs) are dropped.
   """
 
-  def __init__(self, workdir: str | None, upsample: int, fingerprint: str = ""):
-    self.path = None if not workdir else os.path.join(workdir, f"lfw_embeddings_up{upsample}.npz")
+  def __init__(self, workdir: str | None, upsample: int, fingerprint: str = "", face: str = "centre"):
+    suffix = "" if face == "centre" else f"_{face}"
+    self.path = None if not workdir else os.path.join(workdir, f"lfw_embeddings_up{upsample}{suffix}.npz")
     self.fingerprint = fingerprint
     self.entries: dict[str, tuple[np.ndarray | None, np.ndarray | None, int]] = {}
     self.stale = False
@@ -297,7 +323,7 @@ def verification_metrics(dist: np.ndarray, same: np.ndarray, folds: np.ndarray |
 
 def evaluate(pairs: Pairs, images_dir: str, cache: EmbeddingCache, upsample: int,
              printer: Callable[[str], None] = print,
-             embed_fn: Callable[[str, int], Any] = embed_image) -> dict[str, Any]:
+             embed_fn: Callable[[str, int], Any] = embed_image, face: str = "centre") -> dict[str, Any]:
   """Embeds what the pairs need, then computes coverage and both protocols' metrics."""
   imgs = pairs.images()
   rel = {im: image_relpath(*im) for im in imgs}
@@ -332,6 +358,7 @@ def evaluate(pairs: Pairs, images_dir: str, cache: EmbeddingCache, upsample: int
           "images_missing": len(imgs) - len(present), "images_no_face": len(no_face),
           "images_several_faces": multi,
       },
+      "face": face,
       "faces_found": verification_metrics(dist[both_faces], pairs.same[both_faces], folds_found),
       "all_pairs": verification_metrics(all_dist, pairs.same, pairs.folds),
       "no_face_images": no_face,
@@ -345,7 +372,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
       f"coverage: {c['pairs_with_both_images']}/{c['pairs']} pairs have both images; "
       f"{c['images_present']}/{c['images_needed']} images present; "
       f"{c['images_no_face']} images with no face found (upsample {result['upsample']}); "
-      f"{c['images_several_faces']} with several faces (nearest the centre used)",
+      f"{c['images_several_faces']} with several faces "
+      f"({_FACE_WORDS.get(result.get('face'), 'nearest the centre')} used)",
   ]
   for key, title in (("faces_found", "pairs where both images have a face"),
                      ("all_pairs", "all pairs, no face / missing image = 'different'")):
@@ -365,20 +393,28 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 def run(pairs_path: str, images_dir: str, upsample: int, workdir: str | None,
         printer: Callable[[str], None] = print,
-        embed_fn: Callable[[str, int], Any] = embed_image) -> dict[str, Any]:
-  """Whole evaluation; writes ``<workdir>/lfw_metrics.json`` when `workdir` is set."""
+        embed_fn: Callable[[str, int], Any] = embed_image, face: str = "centre") -> dict[str, Any]:
+  """Whole evaluation; writes ``<workdir>/lfw_metrics.json`` when `workdir` is set.
+
+  ``face``: which of several detected faces is embedded (:func:`pick_face`);
+  each choice has its own cache file.
+  """
   from jaxface import paths
   pairs_path, images_dir = paths.expand(pairs_path), paths.expand(images_dir)
   if not os.path.isdir(images_dir):
     raise FileNotFoundError(f"--images: {images_dir} is not a directory")
   if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 0:
     raise ValueError(f"--upsample: expected an int >= 0, got {upsample!r}")
+  if face not in FACE_CHOICES:
+    raise ValueError(f"--face: expected one of {FACE_CHOICES}, got {face!r}")
+  if embed_fn is embed_image and face != "centre":
+    embed_fn = functools.partial(embed_image, face=face)
   pairs = read_pairs(pairs_path)
-  cache = EmbeddingCache(workdir, upsample, pipeline_fingerprint())
+  cache = EmbeddingCache(workdir, upsample, pipeline_fingerprint(), face)
   if cache.stale:
     printer(f"{cache.path}: made by other pipeline code, recomputing all embeddings")
   t0 = time.perf_counter()
-  result = evaluate(pairs, images_dir, cache, upsample, printer, embed_fn)
+  result = evaluate(pairs, images_dir, cache, upsample, printer, embed_fn, face)
   result.update({"pairs_file": pairs_path, "images_dir": images_dir,
                  "seconds": round(time.perf_counter() - t0, 1)})
   for line in report_lines(result):
@@ -399,7 +435,7 @@ def main(argv):
   flagutil.tune_cpu_xla()
   try:
     run(FLAGS.pairs, FLAGS.images, FLAGS.upsample, FLAGS.workdir or None,
-        printer=lambda s: print(s, flush=True))
+        printer=lambda s: print(s, flush=True), face=FLAGS.face)
   except (ValueError, FileNotFoundError) as e:
     flagutil.fail(str(e))
 
@@ -411,10 +447,14 @@ def _define_flags() -> None:
   flags.DEFINE_string("pairs", PAIRS_DEFAULT, "LFW pairs file (header 'N' or 'FOLDS N')")
   flags.DEFINE_string("images", IMAGES_DEFAULT, "LFW image root (<name>/<name>_%04d.jpg)")
   flags.DEFINE_integer("upsample", 0, "detector upsampling steps (0 = image as is)", lower_bound=0)
+  flags.DEFINE_enum("face", "centre", list(FACE_CHOICES),
+                    "which of several faces to embed: nearest the image centre, the largest box, or "
+                    "main (the largest box wholly inside the photo, as the faces CLI)")
   flags.DEFINE_string("workdir", "runs/lfw_eval", "folder for the embedding cache and lfw_metrics.json ('' = none)")
 
 
 if __name__ == "__main__":
   from absl import app
+  from experiments import flagutil as _flagutil
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_flagutil.parse_flags_exit2)

@@ -32,6 +32,14 @@ accept rate, FRR (known queries rejected as "not recognized"),
 misidentification rate (accepted as someone else) and FAR (unknown queries
 accepted as someone).
 
+One-shot galleries of K people (``one_shot_identification``, K = 25, 100,
+400 by default): random galleries of one random image per person
+(``jaxface.recognition.open_set``), DIR at FPIR 1% and 0.1% for the raw
+distance and for S-norm against a background cohort (a fixed random half of
+the single-image identities, never enrolled nor searched), plus the DIR and
+measured FPIR of dlib's 0.6 and of a pair-FAR threshold: at a fixed
+threshold FPIR grows with K.
+
 Siamese head vs threshold (``jaxface.recognition.siamese``): heads trained
 on one fold's balanced pairs, scored on the other fold's balanced pairs, next
 to the best-accuracy threshold of the same training fold: accuracy
@@ -125,9 +133,113 @@ def fold_pairs(rel: list[str], labels: np.ndarray, emb: np.ndarray, rng: np.rand
   return {"i": i, "j": j, "dist": np.sqrt(d2), "same": same, "balanced": np.sort(np.concatenate([pos, take]))}
 
 
+def one_shot_identification(emb: np.ndarray, labels: np.ndarray, *, sizes: tuple[int, ...] = (25, 100, 400),
+                            rounds: tuple[int, ...] = (30, 30, 10), fpirs: tuple[float, ...] = (0.01, 0.001),
+                            target_far: float = 1e-3, seed: int = 0, snorm_top_ks: tuple[int, ...] = (0, 100),
+                            printer: Callable[[str], None] = print) -> dict[str, Any]:
+  """DIR at fixed FPIR on random one-shot galleries of K people: raw distance vs S-norm.
+
+  Background cohort (S-norm statistics): a fixed random half (``seed``) of the
+  identities with exactly one image; they are never enrolled nor searched.
+  Per K, ``jaxface.recognition.open_set.simulate_one_shot`` draws the
+  galleries (the same ones for both scores: same seed). A FPIR is measurable
+  when every round has >= 1/FPIR non-mated searches; otherwise it is
+  reported as not measurable with the smallest per-round supported FPIR.
+  For the raw distance, the fixed dlib 0.6 and the pair-FAR threshold
+  (``calibrate.threshold_for_far`` at ``target_far`` over every image pair
+  outside the cohort, in-sample) are applied too, with their measured FPIR.
+  ``snorm_top_ks``: one S-norm score per value: ``"snorm"`` (0: statistics over
+  the whole cohort) or ``"snorm_top<k>"`` (adaptive S-norm, each face's k
+  nearest cohort rows).
+
+  Args:
+    emb: [N, D] embeddings of the images with a face; labels: [N] int identity.
+  """
+  from jaxface.recognition import calibrate, open_set
+  if len(sizes) != len(rounds):
+    raise ValueError(f"one_shot sizes {sizes} and rounds {rounds} differ in length")
+  names, counts = np.unique(labels, return_counts=True)
+  singles = names[counts == 1]
+  rng = np.random.default_rng(seed)
+  cohort_ids = rng.choice(singles, singles.size // 2, replace=False) if singles.size >= 4 else singles[:0]
+  cohort = np.isin(labels, cohort_ids)
+  if cohort.sum() < 2:
+    raise ValueError(f"one-shot S-norm needs >= 2 single-image identities for the cohort, got {int(cohort.sum())}")
+  keep = np.flatnonzero(~cohort)
+  e = emb[keep].astype(np.float64)
+  sq = (e * e).sum(1)
+  iu = np.triu_indices(keep.size, 1)
+  dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * (e @ e.T), 0.0))[iu]
+  same = (labels[keep][:, None] == labels[keep][None, :])[iu]
+  pair_thr = float(calibrate.threshold_for_far(dist, same, target_far))
+  del iu, dist, same
+  key_far = f"pair_far<={target_far:g}"
+  out: dict[str, Any] = {"cohort_identities": int(cohort_ids.size), "cohort_images": int(cohort.sum()),
+                         "snorm_top_ks": [int(t) for t in snorm_top_ks],
+                         "pair_far_threshold": pair_thr, "pair_far_target": target_far,
+                         "pair_far_pairs": int(keep.size * (keep.size - 1) // 2), "by_gallery_size": {}}
+  printer(f"one-shot 1:K: cohort {out['cohort_identities']} single-image identities ({out['cohort_images']} "
+          f"images, never enrolled nor searched); pair-FAR {target_far:g} threshold {pair_thr:.4f} "
+          f"(all {out['pair_far_pairs']} pairs outside the cohort)")
+  for k, r in zip(sizes, rounds):
+    entry: dict[str, Any] = {"rounds": int(r)}
+    variants = [("distance", "distance", 0)] + [("snorm" if t == 0 else f"snorm_top{t}", "snorm", int(t))
+                                                for t in snorm_top_ks]
+    for name, score, top_k in variants:
+      sim = open_set.simulate_one_shot(emb, labels, int(k), rounds=int(r), seed=seed, score=score, cohort=cohort,
+                                       top_k=top_k)
+      per_round = min(sim["nonmated_per_round"])
+      res: dict[str, Any] = {"rank1": float(np.mean(sim["mated_top1_ids"] == sim["mated_truth"]))}
+      entry.update({"eligible_identities": sim["eligible_identities"],
+                    "mated_per_round": float(np.mean(sim["mated_per_round"])),
+                    "nonmated_per_round": float(np.mean(sim["nonmated_per_round"])),
+                    "nonmated_per_round_min": int(per_round),
+                    "min_supported_fpir": open_set.min_supported_fpir(int(per_round))})
+      for fpir in fpirs:
+        if per_round < open_set.nonmated_needed(fpir):
+          res[f"fpir={fpir:g}"] = {"measurable": False, "min_supported_fpir": open_set.min_supported_fpir(int(per_round))}
+          continue
+        d = open_set.dir_at_fpir(sim["mated_top1_ids"], sim["mated_truth"], sim["mated_top1_scores"],
+                                 sim["nonmated_top1_scores"], fpir)
+        d["measurable"] = True
+        res[f"fpir={fpir:g}"] = d
+      if score == "distance":
+        for key, thr in (("dlib_0.6", 0.6), (key_far, pair_thr)):
+          res[key] = open_set.rates_at(sim["mated_top1_ids"], sim["mated_truth"], sim["mated_top1_scores"],
+                                       sim["nonmated_top1_scores"], thr)
+      entry[name] = res
+    out["by_gallery_size"][str(k)] = entry
+  for line in one_shot_lines(out, fpirs, key_far):
+    printer(line)
+  return out
+
+
+def one_shot_lines(out: dict[str, Any], fpirs: tuple[float, ...], key_far: str) -> list[str]:
+  """Markdown table of :func:`one_shot_identification`'s result."""
+  head = ("| K | rounds | mated / non-mated per round | score | rank-1 | "
+          + " | ".join(f"DIR @ FPIR {f:g} (thr)" for f in fpirs) + " | dlib 0.6: DIR / FPIR | "
+          + f"{key_far}: DIR / FPIR |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for k, e in out["by_gallery_size"].items():
+    for score in [key for key in e if isinstance(e[key], dict)]:
+      r = e[score]
+      cells = []
+      for f in fpirs:
+        d = r[f"fpir={f:g}"]
+        cells.append(f"{d['dir']:.4f} ({d['threshold']:.3f}, measured {d['fpir_measured']:.4f})" if d["measurable"]
+                     else f"n/a (min FPIR {d['min_supported_fpir']:.4f})")
+      fixed = [f"{r[key]['dir']:.4f} / {r[key]['fpir_measured']:.4f}" if key in r else "-"
+               for key in ("dlib_0.6", key_far)]
+      lines.append(f"| {k} | {e['rounds']} | {e['mated_per_round']:.0f} / {e['nonmated_per_round']:.0f} | {score} | "
+                   f"{r['rank1']:.4f} | " + " | ".join(cells + fixed) + " |")
+  return lines
+
+
 def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int = 0,
         target_far: float = 1e-3, open_set_far: float = 0.05, features: tuple[str, ...] = ("abs", "abs+chi2"), seed: int = 0,
-        printer: Callable[[str], None] = print, embed_fn=None) -> dict[str, Any]:
+        printer: Callable[[str], None] = print, embed_fn=None, one_shot_sizes: tuple[int, ...] = (25, 100, 400),
+        one_shot_rounds: tuple[int, ...] = (30, 30, 10), fpirs: tuple[float, ...] = (0.01, 0.001),
+        snorm_top_ks: tuple[int, ...] = (0, 100)) -> dict[str, Any]:
   from experiments import lfw_eval
   from jaxface import metrics, paths
   from jaxface.recognition import calibrate, search, siamese
@@ -240,6 +352,16 @@ def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int =
             f"{m['rank1_accuracy']:.4f}, correct accept {m['correct_accept_rate']:.4f}, FRR {m['frr']:.4f}, "
             f"misidentified {m['misidentification_rate']:.4f}, FAR {m['far']:.4f}")
 
+  # ---- one-shot galleries of K people: DIR at FPIR, raw distance vs S-norm
+  one_shot = None
+  if one_shot_sizes:
+    face_rel = [r for r in all_rel if rel_emb[r] is not None]
+    one_shot = one_shot_identification(
+        np.stack([rel_emb[r] for r in face_rel]).astype(np.float32),
+        np.asarray([label_of[r.split(os.sep)[0]] for r in face_rel], np.int64), sizes=tuple(one_shot_sizes),
+        rounds=tuple(one_shot_rounds), fpirs=tuple(fpirs), target_far=target_far, seed=seed,
+        snorm_top_ks=tuple(snorm_top_ks), printer=printer)
+
   # ---- Siamese head vs the plain threshold on the same held-out pairs
   d = np.concatenate(pooled["d"])
   y = np.concatenate(pooled["same"])
@@ -259,7 +381,7 @@ def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int =
     printer(f"  siamese head ({kind}): accuracy {entry['accuracy']:.4f}, AUC {entry['auc']:.4f}")
 
   result = {"images_dir": images_dir, "upsample": upsample, "seed": seed, "folds": per_fold,
-            "open_set": open_set, "verification": verification,
+            "open_set": open_set, "one_shot": one_shot, "verification": verification,
             "embed_seconds": round(embed_seconds, 1), "cache": cache.path}
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -298,5 +420,6 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app
+  from experiments import flagutil as _flagutil
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_flagutil.parse_flags_exit2)

@@ -66,6 +66,41 @@ def test_pick_face_nearest_centre_then_larger():
   assert lfw_eval.pick_face(boxes[:1], 250, 250) == 0
 
 
+def test_pick_face_largest_then_nearer_centre():
+  # Box 0 is the largest but off-centre; boxes 1 and 2 have equal area, 2 nearer the centre.
+  boxes = np.array([[0, 0, 119, 119], [150, 150, 199, 199], [100, 100, 149, 149]])
+  assert lfw_eval.pick_face(boxes, 250, 250, "largest") == 0
+  assert lfw_eval.pick_face(boxes[1:], 250, 250, "largest") == 1
+  assert lfw_eval.pick_face(boxes, 250, 250, "centre") == 2
+  # main: the largest box wholly inside the photo; a box past the border is passed over.
+  cut = np.array([[200, 50, 290, 140], [100, 100, 149, 149]])
+  assert lfw_eval.pick_face(cut, 250, 250, "largest") == 0 and lfw_eval.pick_face(cut, 250, 250, "main") == 1
+  with pytest.raises(ValueError, match="--face"):
+    lfw_eval.pick_face(boxes, 250, 250, "smallest")
+
+
+def test_face_choice_has_its_own_cache(tmp_path):
+  images = tmp_path / "imgs"
+  for name in ("A", "B"):
+    (images / name).mkdir(parents=True)
+    for i in (1, 2):
+      (images / name / f"{name}_{i:04d}.jpg").write_bytes(b"stub")
+  p = write(tmp_path, "1\nA 1 2\nA 1 B 1\n")
+  def fake(path, upsample):
+    v = np.zeros(128, np.float32)
+    v[0 if "A_" in path else 1] = 1.0
+    return v, np.array([0, 0, 9, 9]), 2
+
+  r = lfw_eval.run(p, str(images), 0, str(tmp_path / "w"), printer=lambda s: None, face="largest",
+                   embed_fn=fake)
+  assert r["face"] == "largest" and os.path.isfile(tmp_path / "w" / "lfw_embeddings_up0_largest.npz")
+  assert not os.path.exists(tmp_path / "w" / "lfw_embeddings_up0.npz")
+  lines = lfw_eval.report_lines(r)
+  assert "(the largest box used)" in lines[0]
+  with pytest.raises(ValueError, match="--face"):
+    lfw_eval.run(p, str(images), 0, None, printer=lambda s: None, face="biggest")
+
+
 def test_verification_metrics_against_reference():
   rng = np.random.default_rng(1)
   same = np.repeat([True, False], 50)

@@ -144,3 +144,42 @@ def test_per_identity_thresholds_never_negative():
   got = calibrate.per_identity_thresholds(emb, np.array([0, 0, 1, 2]), global_threshold=0.05,
                                           max_adjust=1.0)
   assert got[0] == 0.0
+
+
+def test_min_supported_far_and_negatives_needed():
+  assert calibrate.min_supported_far(10) == pytest.approx(0.1)
+  assert calibrate.min_supported_far(1000) == pytest.approx(1e-3)
+  assert calibrate.min_supported_far(np.int64(4)) == 0.25
+  for bad in (0, -3, 2.5, True, "10"):
+    with pytest.raises(ValueError, match="num_negatives"):
+      calibrate.min_supported_far(bad)
+  assert calibrate.negatives_needed(1e-3) == 1000
+  assert calibrate.negatives_needed(0.3) == 4
+  assert calibrate.negatives_needed(1.0) == 1
+  # Consistent: N = negatives_needed(f) supports f, N - 1 does not.
+  for far in (1e-3, 0.3, 0.07, 1 / 3):
+    n = calibrate.negatives_needed(far)
+    assert calibrate.min_supported_far(n) <= far * (1 + 1e-12)
+    assert n == 1 or calibrate.min_supported_far(n - 1) > far
+  for bad in (0.0, -0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="target_far"):
+      calibrate.negatives_needed(bad)
+
+
+def test_choose_cohort_takes_whole_identities_singletons_first():
+  # identities 0..3 have 3 rows each, 4..9 one row each: 18 rows.
+  labels = np.asarray([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9])
+  mask = calibrate.choose_cohort(labels, fraction=0.25, seed=3)
+  assert mask.sum() == 5 and set(labels[mask]) <= {4, 5, 6, 7, 8, 9}  # ceil(0.25 * 18) = 5 singletons
+  big = calibrate.choose_cohort(labels, fraction=0.5, seed=3)
+  chosen = set(labels[big].tolist())
+  assert {4, 5, 6, 7, 8, 9} <= chosen and big.sum() >= 9
+  for i in chosen:  # whole identities only
+    assert big[labels == i].all()
+  excl = calibrate.choose_cohort(labels, fraction=0.5, exclude=labels == 4, seed=3)
+  assert not excl[labels == 4].any() and excl.sum() >= 9
+  assert np.array_equal(calibrate.choose_cohort(labels, seed=1), calibrate.choose_cohort(labels, seed=1))
+  with pytest.raises(ValueError, match="fraction"):
+    calibrate.choose_cohort(labels, fraction=1.5)
+  with pytest.raises(ValueError, match="exclude"):
+    calibrate.choose_cohort(labels, exclude=[True])

@@ -41,6 +41,19 @@ def test_pick_one_largest_and_strict():
   assert issubclass(encoders.NoFaceError, ValueError)
 
 
+def test_largest_passes_over_faces_cut_by_the_border():
+  # A person half out of a 100x80 frame gets a big box past the border; the subject is inside.
+  boxes = np.array([[60, 10, 130, 80], [10, 20, 50, 60], [5, 5, 15, 15]], np.int64)
+  assert encoders.largest(boxes) == 0                     # size alone: the cut-off face
+  assert encoders.largest(boxes, (80, 100)) == 1          # the largest wholly inside
+  # Nothing wholly inside: the largest visible area (box 1 shows 30x40, box 0 shows 10x60).
+  cut = np.array([[90, 10, 160, 70], [-10, 20, 30, 60]], np.int64)
+  assert encoders.largest(cut) == 0 and encoders.largest(cut, (80, 100)) == 1
+  emb = np.eye(3, dtype=np.float32)
+  box, e = encoders.pick_one(encoders.Faces("g.jpg", boxes, emb, (80, 100)))
+  assert box.tolist() == [10, 20, 50, 60] and e.tolist() == emb[1].tolist()
+
+
 def test_largest_ties_go_to_first():
   assert encoders.largest(np.array([[0, 0, 2, 2], [4, 4, 6, 6]])) == 0
 
@@ -86,7 +99,9 @@ def test_checkpoint_encoder_matches_direct_embedding(tiny_checkpoint):
   enc = encoders.CheckpointEmbedder(workdir)
   assert enc.dim == 16
   fp = enc.fingerprint
-  assert fp["model"] == f"triplet:{os.path.abspath(workdir)}" and len(fp["weights_sha256"]) == 64
+  assert fp["model"] == "triplet" and len(fp["weights_sha256"]) == 64
+  assert workdir not in str(fp) and os.path.basename(workdir) not in str(fp)  # no path in it
+  assert fp["architecture"]["spec"]["widths"] == [8, 16] and fp["dim"] == 16
   assert "resize 32x32" in fp["preprocessing"] and "gray" in fp["preprocessing"]
   assert encoders.CheckpointEmbedder(workdir).fingerprint == fp  # deterministic hash
   rng = np.random.default_rng(0)
@@ -106,6 +121,38 @@ def test_checkpoint_encoder_matches_direct_embedding(tiny_checkpoint):
   assert enc.embed_chips(np.zeros((0, 150, 150, 3), np.uint8)).shape == (0, 16)
   # get_encoder caches one embedder per spec.
   assert encoders.get_encoder(f"checkpoint:{workdir}") is encoders.get_encoder(f"checkpoint:{workdir}")
+
+
+def test_checkpoint_fingerprint_survives_copy_and_move(tiny_checkpoint, tmp_path):
+  import shutil
+  from jaxface.recognition import gallery
+  workdir, _ = tiny_checkpoint
+  copy = str(tmp_path / "copied_run")
+  shutil.copytree(workdir, copy)
+  a, b = encoders.CheckpointEmbedder(workdir), encoders.CheckpointEmbedder(copy)
+  assert a.fingerprint == b.fingerprint
+  g = str(tmp_path / "g.sqlite")
+  with gallery.Gallery(g, a.fingerprint) as gal:
+    gal.enroll("ann", np.ones((1, 16), np.float32))
+  moved = str(tmp_path / "moved_run")
+  shutil.move(copy, moved)
+  with gallery.Gallery(g, encoders.CheckpointEmbedder(moved).fingerprint) as gal:  # no mismatch
+    assert gal.num_identities() == 1
+
+
+def test_checkpoint_fingerprint_tracks_architecture_and_preprocessing():
+  import dataclasses
+  from jaxface.train.config import TripletConfig
+  cfg = TripletConfig(data="synthetic", image_size=(32, 32), crop_size=(28, 28), channels=1,
+                      stem_width=8, widths=(8, 16), depths=(1, 1), embedding_dim=16)
+  base = encoders.checkpoint_fingerprint(cfg, "a" * 64)
+  assert encoders.checkpoint_fingerprint(cfg, "a" * 64) == base
+  # Training-only settings and the run's location do not matter; what shapes the net does.
+  assert encoders.checkpoint_fingerprint(dataclasses.replace(cfg, seed=7, learning_rate=0.5), "a" * 64) == base
+  for change in ({"widths": (8, 32)}, {"depths": (1, 2)}, {"eval_flip": not cfg.eval_flip},
+                 {"eval_crops": 5}, {"standardize": not cfg.standardize}):
+    assert encoders.checkpoint_fingerprint(dataclasses.replace(cfg, **change), "a" * 64) != base, change
+  assert encoders.checkpoint_fingerprint(cfg, "b" * 64) != base
 
 
 @needs_data

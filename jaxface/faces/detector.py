@@ -131,14 +131,22 @@ def convert(path: str) -> dict:
 # --------------------------------------------------------------------------- the CNN
 
 
+def _on_device(x) -> jax.Array:
+  """``jnp.asarray(x)`` for a host array, without compiling a copy kernel per shape
+  (``jnp.asarray`` of a NumPy array does on jax 0.10: ~10 ms per new shape at load)."""
+  a = np.asarray(x)
+  dtype = jax.dtypes.canonicalize_dtype(a.dtype)  # float64 -> float32 etc. without x64
+  return jax.device_put(np.ascontiguousarray(a, dtype=dtype))
+
+
 class _ConvAffine(nnx.Module):
   """conv (+bias) -> per-channel affine -> optional ReLU; NHWC."""
 
   def __init__(self, filters_oihw, bias, scale, shift, stride, padding, relu):
-    self.kernel = nnx.Param(jnp.asarray(np.transpose(filters_oihw, (2, 3, 1, 0))))  # HWIO
-    self.bias = nnx.Param(jnp.asarray(bias))
-    self.scale = nnx.Param(jnp.asarray(scale))
-    self.shift = nnx.Param(jnp.asarray(shift))
+    self.kernel = nnx.Param(_on_device(np.transpose(filters_oihw, (2, 3, 1, 0))))  # HWIO
+    self.bias = nnx.Param(_on_device(bias))
+    self.scale = nnx.Param(_on_device(scale))
+    self.shift = nnx.Param(_on_device(shift))
     self.stride = tuple(int(s) for s in stride)
     self.padding = tuple(int(p) for p in padding)
     self.relu = bool(relu)
@@ -521,9 +529,10 @@ class FaceDetector:
       return np.zeros((0, 0), np.float32), rects
     shape = (bucket(tr), bucket(tc))
     planes = _tiled_planes(image, self.mean_rgb, rects, shape)
-    scores = _scores_planes_jit(self.graphdef, self.state, planes, jnp.asarray(valid))
+    scores = _scores_planes_jit(self.graphdef, self.state, planes, _on_device(valid))
     h, w = int(valid[-1, 0]), int(valid[-1, 1])
-    return np.asarray(scores[0, :h, :w]), rects
+    # Sliced on the host: slicing the device array compiles two more kernels per image size.
+    return np.asarray(scores)[0, :h, :w], rects
 
   def candidates(self, image: np.ndarray, threshold: float = 0.0) -> Candidates:
     """Windows scoring > ``threshold`` on ``image`` (already upsampled), sorted by score."""

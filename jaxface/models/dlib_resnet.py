@@ -374,8 +374,9 @@ def fold_affine(model: DlibResNet) -> DlibResNet:
 
   def fold(conv: Conv, affine: Affine) -> None:
     s, t = np.asarray(affine.scale[...]), np.asarray(affine.bias[...])
-    conv.kernel[...] = jnp.asarray(np.asarray(conv.kernel[...]) * s)
-    conv.bias[...] = jnp.asarray(np.asarray(conv.bias[...]) * s + t)
+    # device_put, not jnp.asarray: the latter compiles a small copy kernel per new shape.
+    conv.kernel[...] = jax.device_put(np.asarray(np.asarray(conv.kernel[...]) * s, np.float32))
+    conv.bias[...] = jax.device_put(np.asarray(np.asarray(conv.bias[...]) * s + t, np.float32))
 
   if model.stem_affine is not None:
     fold(model.stem, model.stem_affine)
@@ -526,7 +527,7 @@ def from_converted(tree: dict[str, Any], spec_overrides: dict[str, Any] | None =
   if expected != given:
     diff = sorted(set(expected.items()) ^ set(given.items()))[:5]
     raise ValueError(f"converted weights do not fit DlibResNet{spec}: differences {diff}")
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32)), pure))
   return nnx.merge(graphdef, state)
 
 

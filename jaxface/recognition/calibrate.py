@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxface import metrics
 
-__all__ = ["threshold_for_far", "best_accuracy_threshold", "rates_at", "per_identity_thresholds"]
+__all__ = ["choose_cohort", "threshold_for_far", "best_accuracy_threshold", "rates_at", "per_identity_thresholds",
+           "min_supported_far", "negatives_needed"]
 
 
 def _check_far(target_far: Any) -> float:
@@ -67,6 +68,27 @@ def threshold_for_far(distances: Any, same: Any, target_far: float) -> float:
   if k == u.shape[0]:
     return float(u[-1] + margin)
   return _between(float(u[k - 1]), float(u[k]))
+
+
+def min_supported_far(num_negatives: int) -> float:
+  """The smallest nonzero FAR that ``num_negatives`` impostor pairs can measure: 1/N.
+
+  A target below it can only be met by accepting no impostor pair at all, so
+  a threshold labelled with that target would claim more than the pairs show.
+  """
+  if isinstance(num_negatives, bool) or not isinstance(num_negatives, (int, np.integer)) \
+      or num_negatives < 1:
+    raise ValueError(f"num_negatives: expected an int >= 1, got {num_negatives!r}")
+  return 1.0 / int(num_negatives)
+
+
+def negatives_needed(target_far: float) -> int:
+  """The fewest impostor pairs whose :func:`min_supported_far` is <= ``target_far`` (in (0, 1])."""
+  far = _check_far(target_far)
+  if far == 0.0:
+    raise ValueError("target_far: 0 is never measured by a finite number of pairs; expected > 0")
+  # The relative slack keeps 1 / 1e-3 = 1000 (not 1001) despite float noise.
+  return max(1, math.ceil(1.0 / far * (1.0 - 1e-12)))
 
 
 def best_accuracy_threshold(distances: Any, same: Any) -> float:
@@ -178,3 +200,38 @@ def per_identity_thresholds(embeddings: Any, identity_ids: Any, *, global_thresh
     need = float(genuine.max())
     out[int(ident)] = float(np.clip(min(bound, max(global_threshold, need)), lo, hi))
   return out
+
+
+def choose_cohort(labels: Any, *, fraction: float = 1 / 3, exclude: Any = None, seed: int = 0) -> np.ndarray:
+  """Whole identities set aside as an S-norm background cohort: a [N] bool row mask.
+
+  Identities with one row go first (they can never be enrolled and probed in
+  a one-shot simulation, so the cohort costs it the least), then the others,
+  each group in a seeded random order, until the cohort holds at least
+  ``fraction`` of the rows. Rows flagged in ``exclude`` (e.g. people enrolled
+  in the gallery the cohort is for) and their identities are never chosen.
+
+  Args:
+    labels: [N] int identity of each row.
+    fraction: share of the rows wanted in the cohort, in (0, 1).
+    exclude: optional [N] bool, rows whose identity must stay out.
+    seed: seed of the random order.
+  """
+  lab = np.asarray(labels)
+  if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+    raise ValueError(f"labels: expected [N] ints, got {lab.dtype}{list(lab.shape)}")
+  if not 0 < fraction < 1:
+    raise ValueError(f"fraction: expected in (0, 1), got {fraction!r}")
+  banned = np.zeros(lab.shape, bool) if exclude is None else np.asarray(exclude, bool)
+  if banned.shape != lab.shape:
+    raise ValueError(f"exclude: expected [{lab.size}] bools, got shape {list(banned.shape)}")
+  ids, counts = np.unique(lab, return_counts=True)
+  allowed = ~np.isin(ids, lab[banned])
+  rng = np.random.default_rng(seed)
+  # Singletons first, random order within each group (lexsort: last key is primary).
+  order = np.lexsort((rng.random(ids.size), counts > 1))
+  order = order[allowed[order]]
+  taken = np.cumsum(counts[order])
+  need = math.ceil(fraction * lab.size)
+  n_ids = int(np.searchsorted(taken, need)) + 1  # the fewest identities reaching ``need`` rows
+  return np.isin(lab, ids[order[:n_ids]])

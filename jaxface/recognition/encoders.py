@@ -13,15 +13,17 @@ Two encoders share one interface (:class:`FaceEmbedder`):
   optional mirror test-time augmentation).
 
 Each encoder has a ``fingerprint`` dict (model name, sha256 of the weights,
-preprocessing, dimension) that a gallery stores, so embeddings of different
-encoders are never compared.
+preprocessing, dimension; for a checkpoint also the architecture, never the
+run's path) that a gallery stores, so embeddings of different encoders are
+never compared, while a copied or moved run still opens its galleries.
 
 Rules for one image (:func:`encode_faces`, :func:`encode_one`):
 
 * unreadable image: :class:`jaxface.images.ImageError` (a ValueError) naming it;
 * no face: :class:`NoFaceError` naming the image (``encode_one``; for
   ``encode_faces`` no face is an empty result);
-* several faces where one is needed: the largest box is used, or with
+* several faces where one is needed: the largest face inside the frame is used
+  (:func:`largest`), or with
   ``strict=True`` :class:`SeveralFacesError` naming the image and the count.
 """
 
@@ -55,11 +57,14 @@ class SeveralFacesError(FaceError):
 class Faces:
   """All faces of one image, largest detection score first.
 
-  boxes: int64 [N, 4] (left, top, right, bottom); embeddings: float32 [N, D].
+  boxes: int64 [N, 4] (left, top, right, bottom); embeddings: float32 [N, D];
+  image_hw: the image's (height, width), which :func:`pick_one` uses to pass
+  over faces cut by the image border (None: unknown).
   """
   source: str
   boxes: np.ndarray
   embeddings: np.ndarray
+  image_hw: tuple[int, int] | None = None
 
   def __len__(self) -> int:
     return int(self.boxes.shape[0])
@@ -122,6 +127,35 @@ def params_sha256(tree: Any) -> str:
   return h.hexdigest()
 
 
+def checkpoint_architecture(cfg: Any) -> dict:
+  """The config fields that shape a triplet run's network (JSON-ready; no paths, no training knobs)."""
+  if cfg.init == "dlib":
+    spec = cfg.dlib_spec().to_dict()
+  else:
+    spec = {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg.encoder_spec()).items()}
+  return {"init": cfg.init, "spec": spec, "standardize": bool(cfg.standardize)}
+
+
+def checkpoint_fingerprint(cfg: Any, weights_sha256: str) -> dict:
+  """What determines a triplet run's embeddings: weights, architecture, preprocessing, dimension.
+
+  Where the run lives is left out, so a copied or moved run directory keeps
+  the fingerprint (and its galleries stay usable).
+  """
+  h, w = cfg.image_size
+  return {
+      "model": "triplet",
+      "architecture": checkpoint_architecture(cfg),
+      "weights_sha256": weights_sha256,
+      "preprocessing": (f"{DLIB_PREPROCESSING}; resize {h}x{w} bilinear, "
+                        f"{'gray' if cfg.channels == 1 else 'RGB'}, centre crop "
+                        f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, mirror TTA {bool(cfg.eval_flip)}, "
+                        f"crops {int(cfg.eval_crops)}"),
+      "dim": int(cfg.embedding_dim),
+  }
+
+
 class CheckpointEmbedder(FaceEmbedder):
   """The encoder of a triplet run's latest checkpoint (see the module docstring)."""
 
@@ -143,15 +177,7 @@ class CheckpointEmbedder(FaceEmbedder):
     graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
     self._embed = triplet.make_embed_fn(graphdef, cfg)
     self.dim = int(cfg.embedding_dim)
-    h, w = cfg.image_size
-    self.fingerprint = {
-        "model": f"triplet:{self.workdir}",
-        "weights_sha256": params_sha256((self._params, self._rest)),
-        "preprocessing": (f"{DLIB_PREPROCESSING}; resize {h}x{w} bilinear, "
-                          f"{'gray' if cfg.channels == 1 else 'RGB'}, centre crop "
-                          f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, mirror TTA {bool(cfg.eval_flip)}"),
-        "dim": self.dim,
-    }
+    self.fingerprint = checkpoint_fingerprint(cfg, params_sha256((self._params, self._rest)))
 
   def resize_chips(self, chips: np.ndarray) -> np.ndarray:
     """uint8 [N, 150, 150, 3] -> uint8 [N, H, W, C] as the run's images were loaded."""
@@ -197,7 +223,7 @@ def get_encoder(spec: str = "dlib") -> FaceEmbedder:
   return _EMBEDDERS[spec]
 
 
-def encode_faces(image: Any, encoder: FaceEmbedder, *, upsample: int = 0) -> Faces:
+def encode_faces(image: Any, encoder: FaceEmbedder, *, upsample: int = 1) -> Faces:
   """Every face of ``image`` (a path or an array): boxes int64 [N, 4], embeddings float32 [N, D].
 
   Raises:
@@ -207,17 +233,31 @@ def encode_faces(image: Any, encoder: FaceEmbedder, *, upsample: int = 0) -> Fac
   label = _label(image)
   img = faces.load_image(image)
   boxes = faces.detect(img, upsample=upsample)
+  hw = (int(img.shape[0]), int(img.shape[1]))
   if boxes.shape[0] == 0:
-    return Faces(label, boxes, np.zeros((0, encoder.dim), np.float32))
+    return Faces(label, boxes, np.zeros((0, encoder.dim), np.float32), hw)
   chips = faces.chips(img, faces.landmarks(img, boxes))
-  return Faces(label, boxes, np.asarray(encoder.embed_chips(chips), np.float32))
+  return Faces(label, boxes, np.asarray(encoder.embed_chips(chips), np.float32), hw)
 
 
-def largest(boxes: np.ndarray) -> int:
-  """Index of the box with the largest area (ties: the first, i.e. the higher detection score)."""
+def largest(boxes: np.ndarray, image_hw: tuple[int, int] | None = None) -> int:
+  """Index of the main face: the largest box lying wholly inside the image; when none
+  does (or ``image_hw`` is None), the largest visible area. Ties: the first, i.e. the
+  higher detection score.
+
+  Why not simply the largest box: a person half out of the frame gets a box that
+  runs past the border and is often as large as the subject's (measured on LFW
+  pairs in BUILD.md, "Which face a one-face command uses").
+  """
   b = np.asarray(boxes, np.int64)
   area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  return int(np.argmax(area))
+  if image_hw is None:
+    return int(np.argmax(area))
+  h, w = image_hw
+  visible = ((np.minimum(b[:, 2], w) - np.maximum(b[:, 0], 0)).clip(0)
+             * (np.minimum(b[:, 3], h) - np.maximum(b[:, 1], 0)).clip(0))
+  inside = (b[:, 0] >= 0) & (b[:, 1] >= 0) & (b[:, 2] <= w) & (b[:, 3] <= h)
+  return int(np.argmax(np.where(inside, area, -1))) if inside.any() else int(np.argmax(visible))
 
 
 def pick_one(found: Faces, *, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -233,11 +273,11 @@ def pick_one(found: Faces, *, strict: bool = False) -> tuple[np.ndarray, np.ndar
   if n > 1 and strict:
     raise SeveralFacesError(f"{found.source}: {n} faces found where one is needed (--strict); "
                             "crop the image or drop --strict to use the largest face")
-  k = largest(found.boxes) if n > 1 else 0
+  k = largest(found.boxes, found.image_hw) if n > 1 else 0
   return found.boxes[k], found.embeddings[k]
 
 
-def encode_one(image: Any, encoder: FaceEmbedder, *, upsample: int = 0,
+def encode_one(image: Any, encoder: FaceEmbedder, *, upsample: int = 1,
                strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """The single (or largest) face of ``image``: (box int64 [4], embedding float32 [D])."""
   return pick_one(encode_faces(image, encoder, upsample=upsample), strict=strict)
