@@ -19,10 +19,10 @@ folder). It remembers the encoder (``--encoder=dlib``, default, or
 embeddings of another one.
 
 Threshold (Euclidean distance; same person when distance <= threshold):
-``--threshold`` if given (a finite distance >= 0; the default -1 means unset), else the identity's own calibrated threshold
-(``calibrate --per_identity``), else the gallery's calibrated one, else dlib's
-0.6 (the dlib encoder only; a checkpoint encoder needs ``calibrate`` or
-``--threshold``).
+``--threshold`` if given (a finite distance >= 0; the default -1 means unset), else the
+identity's own calibrated threshold (``calibrate --per_identity``), else the gallery's
+calibrated one, else dlib's 0.6 (the dlib encoder only; a checkpoint encoder needs
+``calibrate`` or ``--threshold``).
 
 Faces: ``enroll``, ``verify`` and ``calibrate`` need one face per image and use
 the largest one inside the frame (``enroll`` and ``verify`` warn when they do); with ``--strict``
@@ -78,11 +78,20 @@ import math
 import os
 import sqlite3
 import sys
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 import numpy as np
+from absl import app, flags, logging
 
+from experiments import flagutil
+from jaxface import paths
+from jaxface.config_dict import field
 from jaxface.progress import Progress
+from jaxface.recognition import encoders, gallery as gallery_lib, known_cache
+
+# Modules that import JAX (calibration, score_norm, search, siamese) are imported by the commands
+# that use them: list, remove and rename start in a fraction of a second.
 
 COMMANDS = ("enroll", "verify", "identify", "calibrate", "list", "remove", "rename")
 FORMATS = ("table", "csv", "json")
@@ -103,34 +112,45 @@ def default_gallery() -> str:
 @dataclasses.dataclass
 class Options:
   """Every setting of the CLI (flag name = field name)."""
-  gallery: str = ""              # gallery file ('' = $JAXFACE_GALLERY or ~/.local/share/jaxface/gallery.sqlite)
-  format: str = "table"          # table | csv | json
-  strict: bool = False           # several faces where one is needed is an error (default: largest face)
-  encoder: str = "dlib"          # dlib | checkpoint:RUN_DIR (a triplet-experiment run)
-  upsample: int = 1              # detector upsampling steps (1: faces down to ~40 px, 3x slower than 0; 0: >= 80 px)
-  name: str = ""                 # verify: the claimed identity
-  known: str = ""                # identify: folder of known people (subfolders or one file per person)
-  unknown: str = ""              # identify: image or folder to recognise against --known
-  k: int = 3                     # identify: candidates listed per face
-  threshold: float = -1.0        # distance threshold override, >= 0 (-1: unset, the calibrated or default one)
-  pairs: str = ""                # calibrate: LFW-format pairs file
-  images: str = ""               # calibrate: image root of --pairs ('' = $JAXFACE_DATA/faces/lfw_subset)
-  folder: str = ""               # calibrate: <folder>/<identity>/<images>, all same + sampled different pairs
-  target_far: float = 1e-3       # calibrate: highest false-accept rate on the pairs
-  best: bool = False             # calibrate: best accuracy instead of --target_far
-  per_identity: bool = False     # calibrate: also per-identity thresholds (identities with >= 2 images)
-  max_pairs: int = 2000          # calibrate --folder: pairs sampled (half same, half different)
-  seed: int = 0                  # calibrate --folder: pair sampling seed
-  siamese: str = ""              # calibrate: also train a Siamese head on the pairs, saved here; verify: report its p(same)
-  skip_bad: bool = False         # enroll: skip images without a usable face instead of failing
-  allow_duplicates: bool = False # enroll: accept faces that match another enrolled identity (still warns)
-  target_fpir: float = 0.0       # calibrate: highest share of strangers' searches that return someone, for --gallery_size people (0: use --target_far)
-  gallery_size: int = 0          # calibrate --target_fpir: people the threshold is for (0: as many as the gallery holds now)
-  score: str = ""                # calibrate: decide on 'distance' or 'snorm' (S-norm against a background cohort kept in the gallery; --target_fpir only); '' = snorm with --target_fpir, else distance
-  snorm_top_k: int = 100         # calibrate --score=snorm: S-norm statistics over each face's nearest cohort faces (0: the whole cohort)
-  rounds: int = 10               # calibrate --target_fpir: simulated one-shot galleries
-  known_cache: bool = True       # identify --known: reuse cached embeddings of unchanged known images
-  progress: bool = True          # progress bar on stderr for folders
+  gallery: str = field("", "gallery file ('' = $JAXFACE_GALLERY or ~/.local/share/jaxface/gallery.sqlite)")
+  format: str = field("table", "table | csv | json")
+  strict: bool = field(False, "several faces where one is needed is an error (default: largest face)")
+  encoder: str = field("dlib", "dlib | checkpoint:RUN_DIR (a triplet-experiment run)")
+  upsample: int = field(1, "detector upsampling steps (1: faces down to ~40 px, 3x slower than 0; 0: >= 80 px)")
+  name: str = field("", "verify: the claimed identity")
+  known: str = field("", "identify: folder of known people (subfolders or one file per person)")
+  unknown: str = field("", "identify: image or folder to recognise against --known")
+  k: int = field(3, "identify: candidates listed per face")
+  threshold: float = field(-1.0, "distance threshold override, >= 0 (-1: unset, the calibrated or default one)")
+  pairs: str = field("", "calibrate: LFW-format pairs file")
+  images: str = field("", "calibrate: image root of --pairs ('' = $JAXFACE_DATA/faces/lfw_subset)")
+  folder: str = field("", "calibrate: <folder>/<identity>/<images>, all same + sampled different pairs")
+  target_far: float = field(1e-3, "calibrate: highest false-accept rate on the pairs")
+  best: bool = field(False, "calibrate: best accuracy instead of --target_far")
+  per_identity: bool = field(False, "calibrate: also per-identity thresholds (identities with >= 2 images)")
+  max_pairs: int = field(2000, "calibrate --folder: pairs sampled (half same, half different)")
+  seed: int = field(0, "calibrate --folder: pair sampling seed")
+  siamese: str = field("", "calibrate: also train a Siamese head on the pairs, saved here; verify: report its p(same)")
+  skip_bad: bool = field(False, "enroll: skip images without a usable face instead of failing")
+  allow_duplicates: bool = field(False, "enroll: accept faces that match another enrolled identity (still warns)")
+  target_fpir: float = field(
+      0.0,
+      "calibrate: highest share of strangers' searches that return someone, for --gallery_size people "
+      "(0: use --target_far)")
+  gallery_size: int = field(
+      0,
+      "calibrate --target_fpir: people the threshold is for (0: as many as the gallery holds now)")
+  score: str = field(
+      "",
+      "calibrate: decide on 'distance' or 'snorm' (S-norm against a background cohort kept in the "
+      "gallery; --target_fpir only); '' = snorm with --target_fpir, else distance")
+  snorm_top_k: int = field(
+      100,
+      "calibrate --score=snorm: S-norm statistics over each face's nearest cohort faces (0: the whole "
+      "cohort)")
+  rounds: int = field(10, "calibrate --target_fpir: simulated one-shot galleries")
+  known_cache: bool = field(True, "identify --known: reuse cached embeddings of unchanged known images")
+  progress: bool = field(True, "progress bar on stderr for folders")
 
 
 class CliError(Exception):
@@ -153,7 +173,7 @@ class Decision:
   def scores(self, queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """[Q, D], [M, D] float32 -> [Q, M] float64 scores."""
     if self.kind == "snorm":
-      from jaxface.recognition import score_norm
+      from jaxface import score_norm
       return np.asarray(score_norm.snorm_matrix(queries, gallery, self.cohort, top_k=self.top_k), np.float64)
     return euclidean(queries, gallery)
 
@@ -295,7 +315,6 @@ class App:
   @property
   def encoder(self):
     if self._encoder is None:
-      from jaxface.recognition import encoders
       try:
         self._encoder = encoders.get_encoder(self.opts.encoder)
       except (ValueError, FileNotFoundError) as e:
@@ -303,12 +322,10 @@ class App:
     return self._encoder
 
   def gallery_path(self) -> str:
-    from jaxface import paths
     return paths.expand(self.opts.gallery) if self.opts.gallery else default_gallery()
 
   def open_gallery(self, *, write: bool = False, create: bool = False, with_encoder: bool = True):
     """The gallery, read-only unless ``write``; ``create`` (with ``write``) makes it and its folder."""
-    from jaxface.recognition import gallery as gallery_lib
     path = self.gallery_path()
     if not os.path.exists(path):
       if not create:
@@ -322,7 +339,6 @@ class App:
 
   def check_writable(self) -> None:
     """CliError (exit 1) naming the gallery file and the reason when it cannot be written."""
-    from jaxface.recognition import gallery as gallery_lib
     path = self.gallery_path()
     probe = path
     folder = os.path.dirname(os.path.abspath(path))
@@ -351,7 +367,6 @@ class App:
 
   def check_name(self, name: str, what: str) -> str:
     """A name from the command line in the gallery's form (NFC); a bad one is a usage error."""
-    from jaxface.recognition import gallery as gallery_lib
     try:
       return gallery_lib.normalize_name(name, what)
     except gallery_lib.GalleryError as e:
@@ -400,7 +415,6 @@ class App:
 
   def faces_of(self, path: str, cache=None):
     """Every face of the image ``path`` (:class:`encoders.Faces`), through ``cache`` when given."""
-    from jaxface.recognition import encoders
     if cache is None:
       return encoders.encode_faces(path, self.encoder, upsample=self.opts.upsample)
     sha = encoders.content_sha256(path)
@@ -413,8 +427,15 @@ class App:
 
   def pick(self, found, *, warn_several: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The one face an operation needs (largest, or an error with ``--strict``)."""
-    from jaxface.recognition import encoders
-    box, emb = encoders.pick_one(found, strict=self.opts.strict)
+    try:
+      box, emb = encoders.pick_one(found, strict=self.opts.strict)
+    except encoders.NoFaceError as e:  # the library names its parameters; say the flags
+      raise encoders.NoFaceError(f"{found.source}: no face found (try --upsample=1 for small "
+                                 "faces)") from e
+    except encoders.SeveralFacesError as e:
+      raise encoders.SeveralFacesError(
+          f"{found.source}: {len(found)} faces found where one is needed (--strict); crop the "
+          "image or drop --strict to use the largest face") from e
     if warn_several and len(found) > 1:
       self.warn(f"{found.source}: {len(found)} faces found; using the largest "
                 f"(box {[int(v) for v in box]}; --strict makes this an error)")
@@ -460,7 +481,6 @@ class App:
 
   def unique_images(self, images: list[str]) -> list[str]:
     """``images`` without repeats (same real path or same content), each repeat warned about."""
-    from jaxface.recognition import encoders
     by_path, by_sha, out = {}, {}, []
     for path in images:
       real = os.path.realpath(path)
@@ -508,7 +528,6 @@ class App:
   # ----- enroll
 
   def cmd_enroll(self, args: list[str]) -> None:
-    from jaxface.recognition import encoders
     if len(args) < 2:
       raise CliError("usage: enroll NAME IMAGE... | DIR", 2)
     name, items = self.check_name(args[0], "NAME"), args[1:]
@@ -589,7 +608,6 @@ class App:
     self.emit(rows)
 
   def load_head(self):
-    from jaxface import paths
     from jaxface.recognition import siamese
     folder = paths.expand(self.opts.siamese)
     try:
@@ -605,7 +623,8 @@ class App:
 
   def _identify_rows(self, images: list[str], show: bool, emb_g: np.ndarray, ids_g: np.ndarray,
                      names: dict[int, str], thr: Any, decision: Decision = Decision()) -> list[dict]:
-    from jaxface.recognition import score_norm, search
+    from jaxface import score_norm
+    from jaxface.recognition import search
     k_rows = min(len(ids_g), max(self.opts.k * 4, self.opts.k))  # rows, to find k distinct identities
     snorm = decision.kind == "snorm"
     if snorm:
@@ -674,7 +693,6 @@ class App:
     self.emit(self._identify_rows(images, any_dir, emb, ids, names, thr, decision))
 
   def _identify_known_unknown(self, args: list[str]) -> None:
-    from jaxface.recognition import known_cache
     if not (self.opts.known and self.opts.unknown) or args:
       raise CliError("usage: identify --known=DIR --unknown=DIR|IMAGE (no other arguments)", 2)
     people = known_people(self.opts.known)
@@ -694,96 +712,80 @@ class App:
   # ----- calibrate
 
   def cmd_calibrate(self, args: list[str]) -> None:
-    from jaxface import paths
-    from jaxface.recognition import calibrate, siamese
+    from jaxface.recognition import calibration, siamese  # JAX: only calibrate needs it
+    o = self.opts
     if args:
       raise CliError(f"calibrate takes no arguments, got {args}; use --pairs or --folder", 2)
-    if bool(self.opts.pairs) == bool(self.opts.folder):
+    if bool(o.pairs) == bool(o.folder):
       raise CliError("calibrate needs exactly one of --pairs=FILE or --folder=DIR", 2)
-    if self.opts.score not in ("", "distance", "snorm"):
-      raise CliError(f"--score={self.opts.score}: expected distance or snorm", 2)
-    if self.opts.target_fpir:
+    if o.score not in ("", "distance", "snorm"):
+      raise CliError(f"--score={o.score}: expected distance or snorm", 2)
+    if o.target_fpir:
       return self._calibrate_fpir()
-    if self.opts.score == "snorm":
+    if o.score == "snorm":
       raise CliError("--score=snorm is calibrated for a gallery size: use it with --target_fpir", 2)
-    if not self.opts.best and not 0 < self.opts.target_far < 1:
-      raise CliError(f"--target_far={self.opts.target_far}: expected in (0, 1)", 2)
+    if not o.best and not 0 < o.target_far < 1:
+      raise CliError(f"--target_far={o.target_far}: expected in (0, 1)", 2)
     images_dir = None
-    if self.opts.pairs:
-      images_dir = paths.expand(self.opts.images or DEFAULT_PAIR_IMAGES)
+    if o.pairs:
+      images_dir = paths.expand(o.images or DEFAULT_PAIR_IMAGES)
       try:
-        p1, p2, same = siamese.lfw_pairs(paths.expand(self.opts.pairs), images_dir)
+        pairs = calibration.LabelledPairs.from_lfw(paths.expand(o.pairs), images_dir)
       except (ValueError, OSError) as e:
-        raise CliError(f"--pairs={self.opts.pairs}: {e}") from e
+        raise CliError(f"--pairs={o.pairs}: {e}") from e
     else:
       try:
-        p1, p2, same = siamese.folder_pairs(paths.expand(self.opts.folder), max_pairs=self.opts.max_pairs,
-                                            seed=self.opts.seed)
+        pairs = calibration.LabelledPairs.from_folder(paths.expand(o.folder), max_pairs=o.max_pairs, seed=o.seed)
       except (ValueError, OSError) as e:
-        raise CliError(f"--folder={self.opts.folder}: {e}") from e
-    distinct = sorted(set(p1) | set(p2))
-    present = [p for p in distinct if os.path.isfile(p)]
+        raise CliError(f"--folder={o.folder}: {e}") from e
+    distinct, present = pairs.images(), pairs.present()
     if images_dir is not None and len(present) < len(distinct):
-      where = (f"under --images={images_dir}" if self.opts.images
+      where = (f"under --images={images_dir}" if o.images
                else f"under {images_dir} (the default, {DEFAULT_PAIR_IMAGES})")
       if not present:
-        raise CliError(f"none of the {len(distinct)} pair images of --pairs={self.opts.pairs} exist "
+        raise CliError(f"none of the {len(distinct)} pair images of --pairs={o.pairs} exist "
                        f"{where}; set the folder that holds them with --images=DIR")
       self.warn(f"{len(distinct) - len(present)} of {len(distinct)} pair images are missing {where}; "
                 "their pairs are left out (set the image folder with --images=DIR)")
     elif len(present) < len(distinct):
       self.warn(f"{len(distinct) - len(present)} of {len(distinct)} pair images are missing; "
                 "their pairs are left out")
-    on_disk = set(present)
-    self.check_far_support(int(sum(not s_ and a in on_disk and b in on_disk
-                                   for a, b, s_ in zip(p1, p2, same))))
+    self.check_far_support(pairs.impostors_within(present))
     self.check_gallery_for_writing()
     kept, emb, _ = self.embed_many(present, True, "calibrate", skip_bad=True)
-    row_of = {p: k for k, p in enumerate(kept)}
-    use = np.asarray([a in row_of and b in row_of for a, b in zip(p1, p2)], np.bool_)
-    if not (same[use].any() and (~same[use]).any()):
-      raise CliError("calibration needs same and different pairs whose images both have a face")
-    self.check_far_support(int((~same[use]).sum()))
-    a = emb[[row_of[p] for p, u in zip(p1, use) if u]]
-    b = emb[[row_of[p] for p, u in zip(p2, use) if u]]
-    y = same[use]
-    dist = np.linalg.norm(a.astype(np.float64) - b.astype(np.float64), axis=1)
-    if self.opts.best:
-      thr = _as_threshold(calibrate.best_accuracy_threshold(dist, y))
-      method = "best accuracy"
-    else:
-      thr = _as_threshold(calibrate.threshold_for_far(dist, y, self.opts.target_far))
-      method = f"FAR <= {self.opts.target_far:g}"
-    accepted = dist <= thr
-    row = {"threshold": thr, "method": method, "pairs": int(use.sum()),
-           "left_out": int((~use).sum()), "accuracy": float(np.mean(accepted == y)),
-           "far": float(np.mean(accepted[~y])), "frr": float(np.mean(~accepted[y]))}
-    if self.opts.siamese:
-      model = siamese.train(a, b, y, siamese.SiameseConfig(seed=self.opts.seed))
-      model.meta = {"fingerprint": self.encoder.fingerprint}
-      siamese.save(model, paths.expand(self.opts.siamese), overwrite=True)
-      row["siamese"] = paths.expand(self.opts.siamese)
-      row["siamese_accuracy"] = float(np.mean((model.predict(a, b) >= 0.5) == y))
-    path = self.gallery_path()
-    info = {"score": "distance", "method": "best" if self.opts.best else "far",
-            "target": None if self.opts.best else float(self.opts.target_far), "pairs": row["pairs"], "genuine_pairs": int(y.sum()), "impostor_pairs": int((~y).sum()),
-            "accuracy": row["accuracy"], "far": row["far"], "frr": row["frr"],
-            "source": (f"--pairs={self.opts.pairs} --images={images_dir}" if self.opts.pairs
-                       else f"--folder={self.opts.folder}")}
+    try:
+      cal = calibration.calibrate_pairs(pairs, kept, emb, best=o.best, target_far=o.target_far)
+    except calibration.UnsupportedFarError as e:
+      raise CliError(_far_message(e)) from e
+    except calibration.CalibrationError as e:
+      raise CliError(str(e)) from e
+    row = {"threshold": cal.threshold, "method": cal.method, "pairs": int(cal.used.sum()),
+           "left_out": int((~cal.used).sum()), "accuracy": cal.accuracy, "far": cal.far, "frr": cal.frr}
+    if o.siamese:
+      head, head_accuracy = calibration.train_head(cal, seed=o.seed, fingerprint=self.encoder.fingerprint)
+      siamese.save(head, paths.expand(o.siamese), overwrite=True)
+      row["siamese"] = paths.expand(o.siamese)
+      row["siamese_accuracy"] = head_accuracy
+    source = f"--pairs={o.pairs} --images={images_dir}" if o.pairs else f"--folder={o.folder}"
     with self.open_gallery(write=True, create=True) as gal:
-      per_id = self._per_identity(gal, calibrate, thr) if self.opts.per_identity else {}
+      per_id = {}
+      if o.per_identity:
+        per_id = calibration.identity_thresholds(*gal.embeddings(), cal.threshold,
+                                                 target_far=0.0 if o.best else o.target_far)
+        if per_id is None:
+          self.warn("--per_identity: no identity has 2 or more enrolled images; none set")
+          per_id = {}
       # One transaction: the new global threshold, the new per-identity ones, and
       # the old per-identity ones (fitted around the old global) cleared.
-      gal.set_thresholds(thr, {int(k): float(v) for k, v in per_id.items()}, info=info)
+      gal.set_thresholds(cal.threshold, {int(k): float(v) for k, v in per_id.items()}, info=cal.record(source))
     row["per_identity"] = len(per_id)
-    row["gallery"] = path
+    row["gallery"] = self.gallery_path()
     self.emit([row])
 
   def _labelled_images(self) -> tuple[list[str], list[str]]:
     """Calibration images and their identity names: --folder's subfolders, or the
     person folders of --pairs' images (only those on disk)."""
-    from jaxface import paths
-    from jaxface.recognition import siamese
+    from jaxface.recognition import calibration, siamese
     if self.opts.folder:
       try:
         people = siamese.list_identities(paths.expand(self.opts.folder))
@@ -792,22 +794,21 @@ class App:
       return [p for files in people.values() for p in files], [n for n, files in people.items() for _ in files]
     images_dir = paths.expand(self.opts.images or DEFAULT_PAIR_IMAGES)
     try:
-      p1, p2, _ = siamese.lfw_pairs(paths.expand(self.opts.pairs), images_dir)
+      pairs = calibration.LabelledPairs.from_lfw(paths.expand(self.opts.pairs), images_dir)
     except (ValueError, OSError) as e:
       raise CliError(f"--pairs={self.opts.pairs}: {e}") from e
-    distinct = sorted(set(p1) | set(p2))
-    present = [p for p in distinct if os.path.isfile(p)]
+    distinct, present = pairs.images(), pairs.present()
     if not present:
       raise CliError(f"none of the {len(distinct)} pair images of --pairs={self.opts.pairs} exist under "
                      f"{images_dir}; set the folder that holds them with --images=DIR")
     if len(present) < len(distinct):
       self.warn(f"{len(distinct) - len(present)} of {len(distinct)} pair images are missing under "
                 f"{images_dir}; they are left out (set the image folder with --images=DIR)")
-    return present, [os.path.basename(os.path.dirname(p)) for p in present]
+    return present, [calibration.identity_of(p) for p in present]
 
   def _calibrate_fpir(self) -> None:
     """calibrate --target_fpir: the threshold for a one-shot gallery of K people (see module doc)."""
-    from jaxface.recognition import calibrate, encoders, open_set
+    from jaxface.recognition import calibration
     o = self.opts
     if not 0 < o.target_fpir < 1:
       raise CliError(f"--target_fpir={o.target_fpir}: expected in (0, 1)", 2)
@@ -829,61 +830,31 @@ class App:
                      "--gallery_size=K (the threshold depends on it)", 2)
     kept, emb, _ = self.embed_many(images, True, "calibrate", skip_bad=True)
     name_of = dict(zip(images, names))
-    kept_names = [name_of[p] for p in kept]
-    labels = np.unique(kept_names, return_inverse=True)[1].astype(np.int64)
-    cohort, top_k = None, 0
-    if score == "snorm":
-      # Background faces: whole identities, none of them enrolled, never searched in the simulation.
-      cohort = calibrate.choose_cohort(labels, exclude=[n in enrolled for n in kept_names], seed=o.seed)
-      if cohort.sum() < 2:
-        raise CliError(f"--score=snorm: the calibration images leave {int(cohort.sum())} faces of people "
-                       "who are not enrolled for the background cohort (>= 2 needed)")
-      top_k = min(o.snorm_top_k, int(cohort.sum())) if o.snorm_top_k else 0
     try:
-      thr, info = open_set.fpir_threshold(emb, labels, size, o.target_fpir, rounds=o.rounds, seed=o.seed,
-                                          score=score, cohort=cohort, top_k=top_k)
+      cal = calibration.calibrate_fpir(emb, [name_of[p] for p in kept], gallery_size=size,
+                                       target_fpir=o.target_fpir, score=score, enrolled=enrolled,
+                                       snorm_top_k=o.snorm_top_k, rounds=o.rounds, seed=o.seed)
+    except calibration.CohortError as e:
+      raise CliError(f"--score=snorm: {e}") from e
     except ValueError as e:
       raise CliError(f"--target_fpir={o.target_fpir:g} --gallery_size={size}: {e}") from e
     source = f"--folder={o.folder}" if o.folder else f"--pairs={o.pairs} --images={o.images or DEFAULT_PAIR_IMAGES}"
-    stored = {"score": score, "top_k": top_k, "method": "fpir", "target": float(o.target_fpir), "gallery_size": int(size),
-              "rounds": int(o.rounds), "nonmated_searches": int(info["num_nonmated"]),
-              "mated_searches": int(info["num_mated"]), "dir": float(info["dir"]),
-              "fpir": float(info["fpir_measured"]), "cohort": 0 if cohort is None else int(cohort.sum()),
-              "source": source}
     with self.open_gallery(write=True, create=True) as gal:
-      if cohort is None:
-        gal.set_thresholds(thr, info=stored)
-      else:
-        rows = np.flatnonzero(cohort)
-        gal.set_thresholds(thr, info=stored, cohort=emb[rows],
-                           cohort_sources=[{"path": os.path.abspath(kept[r]),
-                                            "sha256": encoders.content_sha256(kept[r])} for r in rows])
-    self.emit([{"threshold": thr, "method": f"FPIR <= {o.target_fpir:g} for {size} people",
+      stored = calibration.store_fpir(gal, cal, emb, kept, source=source)
+    self.emit([{"threshold": cal.threshold, "method": f"FPIR <= {o.target_fpir:g} for {size} people",
                 "score": score, "dir": stored["dir"], "fpir": stored["fpir"],
                 "nonmated_searches": stored["nonmated_searches"], "mated_searches": stored["mated_searches"],
                 "rounds": o.rounds, "cohort": stored["cohort"], "gallery": self.gallery_path()}])
 
   def check_far_support(self, num_negatives: int) -> None:
     """Refuses a --target_far that ``num_negatives`` impostor pairs cannot measure (exit 1)."""
-    from jaxface.recognition import calibrate
-    if self.opts.best or num_negatives == 0:
-      return  # no target; or no impostor pair at all, which the pair check reports
-    smallest = calibrate.min_supported_far(num_negatives)
-    if self.opts.target_far < smallest * (1.0 - 1e-12):
-      raise CliError(
-          f"--target_far={self.opts.target_far:g}: {num_negatives} impostor (different-person) pairs "
-          f"can measure a FAR down to 1/{num_negatives} = {smallest:.3g} only; FAR <= "
-          f"{self.opts.target_far:g} needs at least {calibrate.negatives_needed(self.opts.target_far)} "
-          "impostor pairs (use more pairs, a larger --target_far, or --best); nothing was stored")
-
-  def _per_identity(self, gal, calibrate, global_thr: float) -> dict:
-    emb, ids = gal.embeddings()
-    counts = np.bincount(ids) if ids.size else np.zeros(0, np.int64)
-    if not (counts >= 2).any():
-      self.warn("--per_identity: no identity has 2 or more enrolled images; none set")
-      return {}
-    far = 0.0 if self.opts.best else self.opts.target_far
-    return calibrate.per_identity_thresholds(emb, ids, global_threshold=global_thr, target_far=far)
+    from jaxface.recognition import calibration
+    if self.opts.best:
+      return  # no target
+    try:
+      calibration.check_far_support(num_negatives, self.opts.target_far)
+    except calibration.UnsupportedFarError as e:
+      raise CliError(_far_message(e)) from e
 
   # ----- list / remove / rename
 
@@ -904,7 +875,7 @@ class App:
     if self.opts.format == "table":
       model = fp.get("model") if isinstance(fp, dict) else None
       print(f"gallery {self.gallery_path()}: {len(rows)} identities, encoder {model or 'none yet'}, "
-            f"threshold {'%.4f' % thr if thr is not None else 'not calibrated'}", file=self.err)
+            f"threshold {f'{thr:.4f}' if thr is not None else 'not calibrated'}", file=self.err)
 
   def cmd_remove(self, args: list[str]) -> None:
     if len(args) != 1:
@@ -957,21 +928,20 @@ def _naming(e: BaseException, path: str) -> str:
   return msg if path in msg else f"{path}: {msg}"
 
 
+def _far_message(e) -> str:
+  """The refusal of an unmeasurable --target_far (a calibration.UnsupportedFarError), in flags."""
+  return (f"--target_far={e.target_far:g}: {e.num_negatives} impostor (different-person) pairs "
+          f"can measure a FAR down to 1/{e.num_negatives} = {e.smallest:.3g} only; FAR <= "
+          f"{e.target_far:g} needs at least {e.needed} impostor pairs (use more pairs, a larger "
+          "--target_far, or --best); nothing was stored")
+
+
 def _short(e: BaseException, path: str) -> str:
   """``e``'s message for a row's ``error`` field (the row names the image)."""
   msg = str(e)
   if msg.startswith(f"{path}: "):
     msg = msg[len(path) + 2:]
   return "no face found" if msg.startswith("no face found") else msg
-
-
-def _as_threshold(value: Any) -> float:
-  """calibrate's result (a number, or a (threshold, ...) tuple / {"threshold": ...} dict) -> float."""
-  if isinstance(value, dict):
-    value = value["threshold"]
-  elif isinstance(value, (tuple, list)):
-    value = value[0]
-  return float(value)
 
 
 def run(argv: Sequence[str], opts: Options | None = None, out: TextIO = sys.stdout,
@@ -984,14 +954,10 @@ def run(argv: Sequence[str], opts: Options | None = None, out: TextIO = sys.stdo
 
 
 def _define_flags() -> None:
-  from experiments import flagutil
   flagutil.define_flags(Options)
 
 
 def main(argv):
-  from absl import flags
-  from absl import logging
-  from experiments import flagutil
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs restores at INFO
   flagutil.tune_cpu_xla()
@@ -1001,7 +967,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  from experiments import flagutil
   _define_flags()
   app.run(main, flags_parser=flagutil.parse_flags_exit2)

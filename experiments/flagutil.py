@@ -1,67 +1,87 @@
 """Defines absl flags from a config dataclass and builds the dataclass back.
 
-Entry points stay thin: one flag per config field, with the field's default
-and the comment beside it as help; only ``experiments/`` reads FLAGS.
+Entry points stay thin: one flag per config setting, with the field's default
+and the help text of its metadata (``jaxface.config_dict.field``); only
+``experiments/`` reads FLAGS. A field whose type is itself a dataclass is a
+group: its fields become flags too, so a nested config keeps flat flag names
+(a field's metadata may name its flag, ``field(..., flag="data")``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import sys
 import typing
+from collections.abc import Iterator
 
 from absl import flags
 
 
-def _field_help(cls) -> dict[str, str]:
-  """Trailing ``# comments`` of the dataclass source, as flag help."""
-  helps = {}
-  try:
-    src = inspect.getsource(cls)
-  except OSError:
-    return helps
-  for m in re.finditer(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
-    helps[m.group(1)] = m.group(2).strip()
-  return helps
+def _settings(cls) -> Iterator[tuple[dataclasses.Field, type, str, str]]:
+  """(field, type, flag name, help) of every leaf setting of dataclass ``cls``, groups expanded."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    hint = hints[f.name]
+    if dataclasses.is_dataclass(hint):
+      yield from _settings(hint)
+      continue
+    text = f.metadata.get("help")
+    if text is None:  # every setting documents itself: a config without help is a bug here, not a blank --help
+      raise TypeError(f"{cls.__name__}.{f.name}: no help text (use jaxface.config_dict.field(default, help))")
+    yield f, hint, f.metadata.get("flag", f.name), text
+
+
+def flag_names(cls) -> dict[str, str]:
+  """{field name: flag name} of every leaf setting of ``cls`` (they differ where metadata says)."""
+  return {f.name: flag for f, _, flag, _ in _settings(cls)}
 
 
 def define_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """One absl flag per field of dataclass ``cls`` (bool, int, float, str, tuple of int)."""
-  helps = _field_help(cls)
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    hint, default = hints[f.name], f.default
-    text = helps.get(f.name, f.name)
+  """One absl flag per leaf field of dataclass ``cls`` (bool, int, float, str, tuple of int)."""
+  for f, hint, name, text in _settings(cls):
+    default = f.default
     if hint is bool:
-      flags.DEFINE_bool(f.name, default, text, flag_values=flag_values)
+      flags.DEFINE_bool(name, default, text, flag_values=flag_values)
     elif hint is int:
-      flags.DEFINE_integer(f.name, default, text, flag_values=flag_values)
+      flags.DEFINE_integer(name, default, text, flag_values=flag_values)
     elif hint is float:
-      flags.DEFINE_float(f.name, default, text, flag_values=flag_values)
+      flags.DEFINE_float(name, default, text, flag_values=flag_values)
     elif hint is str:
-      flags.DEFINE_string(f.name, default, text, flag_values=flag_values)
+      flags.DEFINE_string(name, default, text, flag_values=flag_values)
     elif typing.get_origin(hint) is tuple:
-      flags.DEFINE_list(f.name, [str(v) for v in default], text + " (comma-separated integers)",
+      flags.DEFINE_list(name, [str(v) for v in default], text + " (comma-separated integers)",
                         flag_values=flag_values)
     else:
       raise TypeError(f"no flag type for {cls.__name__}.{f.name}: {hint}")
 
 
 def config_from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS):
-  """Builds ``cls`` from parsed flags; a non-integer in a list flag is a ValueError."""
+  """Builds ``cls`` (and its groups) from parsed flags; a non-integer in a list flag is a ValueError."""
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for f in dataclasses.fields(cls):
-    value = flag_values[f.name].value
-    if typing.get_origin(hints[f.name]) is tuple:
+    hint = hints[f.name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[f.name] = config_from_flags(hint, flag_values)
+      continue
+    name = f.metadata.get("flag", f.name)
+    value = flag_values[name].value
+    if typing.get_origin(hint) is tuple:
       try:
         value = tuple(int(v) for v in value)
       except ValueError:
-        raise ValueError(f"--{f.name}={','.join(value)}: expected comma-separated integers") from None
+        raise ValueError(f"--{name}={','.join(value)}: expected comma-separated integers") from None
     kwargs[f.name] = value
   return cls(**kwargs)
+
+
+def flag_error(message: str, cls) -> str:
+  """A library error about a setting, ``name=value: why``, as the command line says it:
+  ``--flag=value: why`` (``name``: a leaf field of ``cls``). Other messages pass unchanged."""
+  name, sep, rest = message.partition("=")
+  flag = flag_names(cls).get(name) if sep else None
+  return f"--{flag}={rest}" if flag else message
 
 
 def parse_flags_exit2(argv: list[str]) -> list[str]:
@@ -111,9 +131,9 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 def tune_cpu_xla() -> None:
   """Sets ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` for jaxlib 0.10.x.
 
-  Measured with ``python -m experiments.bench.encoder_step`` on 2 CPU cores:
-  the encoder train step took 12-15% less time with it (BUILD.md). Only the
-  jaxlib line it was measured on gets it, because XLA aborts on flags it does
+  Measured with ``python -m experiments.bench.encoder_step``: the encoder train
+  step is faster with it (BUILD.md, "Encoder train step"). Only the jaxlib line
+  it was measured on gets it, because XLA aborts on flags it does
   not know; the user's own XLA_FLAGS entry for it, or
   ``JAXFACE_NO_XLA_TUNING=1``, wins. Must run before JAX starts its backend.
   """
@@ -134,8 +154,8 @@ def use_compilation_cache(min_compile_seconds: float = 0.1) -> str | None:
   """Turns on JAX's persistent compilation cache in ``<cache dir>/xla`` (``$JAXFACE_CACHE``,
   default ~/.cache/jaxface) for commands started again and again on the same
   inputs, such as ``python -m experiments.faces``: each start otherwise
-  recompiles the face detector and the ResNet (measured on 2 shared CPU cores:
-  ``identify`` of one photo 3.6 s -> 2.7 s once cached). Kernels that compiled in at least
+  recompiles the face detector and the ResNet (saving: BUILD.md, "dlib face pipeline").
+  Kernels that compiled in at least
   ``min_compile_seconds`` are kept (JAX's own default, 1 s, keeps none of those).
 
   Sets ``JAX_COMPILATION_CACHE_DIR`` and
@@ -162,8 +182,19 @@ def start_distributed(cfg) -> None:
   try:
     parallel.initialize(cfg.distributed, coordinator_address=cfg.coordinator_address,
                         num_processes=cfg.num_processes, process_id=cfg.process_id)
-  except (ValueError, parallel.DistributedError) as e:
-    fail(str(e))
+  except ValueError as e:
+    fail(_distributed_flags(str(e)))
+  except parallel.DistributedError as e:  # JAX's reason inside stays as JAX wrote it
+    fail(str(e).replace("pass coordinator_address='host:port', num_processes=N and process_id=I",
+                        "pass --coordinator_address=host:port --num_processes=N --process_id=I"))
+
+
+def _distributed_flags(message: str) -> str:
+  """``parallel.initialize``'s argument errors (they name its parameters) in flags: its
+  ``mode`` is ``--distributed``, the other parameters are flags of the same name."""
+  message = (message.replace("mode='off'", "--distributed=off")
+             .replace("mode='on' (or 'auto')", "--distributed=on (or auto)"))
+  return re.sub(r"(?<![\w-])(coordinator_address|num_processes|process_id)\b", r"--\1", message)
 
 
 def start(argv: list[str]) -> None:

@@ -25,24 +25,28 @@ Reported (printed and written to ``<workdir>/lfw_metrics.json``):
   or an image without a face predicted "different" (as a face-matching
   application would), same metrics.
 
-Pairs file format (LFW): first line ``N`` (N matched then N mismatched pairs)
-or ``F N`` (F folds of N matched + N mismatched); then one pair per line,
-``name i j`` (same person) or ``name1 i name2 j`` (different people), images
-``<name>/<name>_<i:04d>.jpg``, indexes 1-based.
+The pairs file is in LFW's format (:mod:`jaxface.data.lfw` describes and parses it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
+import importlib.util
 import json
 import math
 import os
-import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from absl import app, flags
+
+from experiments import flagutil
+from jaxface import faces, metrics, paths
+from jaxface.data import lfw
+from jaxface.recognition import encoders
 
 PAIRS_DEFAULT = "$JAXFACE_DATA/faces/lfw_protocol/pairsDevTest.txt"
 IMAGES_DEFAULT = "$JAXFACE_DATA/faces/lfw_subset"
@@ -51,97 +55,6 @@ FIXED_THRESHOLD = 0.6
 # larger than any descriptor distance (norms are < 2, so distances are < 4),
 # finite so the threshold search stays well defined.
 NO_MATCH_DISTANCE = 100.0
-
-
-# --------------------------------------------------------------------------
-# Pairs file
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Pairs:
-  """Parsed LFW pairs: M pairs of (name, 1-based index) plus labels."""
-  name1: tuple[str, ...]
-  index1: np.ndarray  # [M] int64, 1-based
-  name2: tuple[str, ...]
-  index2: np.ndarray  # [M] int64
-  same: np.ndarray  # [M] bool
-  folds: np.ndarray | None  # [M] int64 fold id from an "F N" header, else None
-
-  def __len__(self) -> int:
-    return len(self.name1)
-
-  def images(self) -> list[tuple[str, int]]:
-    """Distinct (name, index) images, in order of first use."""
-    seen: dict[tuple[str, int], None] = {}
-    for n1, i1, n2, i2 in zip(self.name1, self.index1.tolist(), self.name2, self.index2.tolist()):
-      seen.setdefault((n1, i1))
-      seen.setdefault((n2, i2))
-    return list(seen)
-
-
-def image_relpath(name: str, index: int) -> str:
-  """``name/name_%04d.jpg``, the LFW file naming."""
-  return os.path.join(name, f"{name}_{index:04d}.jpg")
-
-
-def read_pairs(path: str) -> Pairs:
-  """Parses an LFW pairs file (see the module docstring); errors name file and line.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: bad header, bad line, or a pair count that disagrees with the header.
-  """
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  if not lines or not lines[0].strip():
-    raise ValueError(f"{path}: line 1: empty file, expected a header 'N' or 'FOLDS N'")
-  header = lines[0].split()
-  try:
-    counts = [int(v) for v in header]
-  except ValueError:
-    raise ValueError(f"{path}: line 1: header must be 'N' or 'FOLDS N' integers, got {lines[0]!r}") from None
-  if len(counts) not in (1, 2) or min(counts) < 1:
-    raise ValueError(f"{path}: line 1: header must be 'N' or 'FOLDS N' positive integers, got {lines[0]!r}")
-  num_folds, per_class = (1, counts[0]) if len(counts) == 1 else (counts[0], counts[1])
-  body = [(k + 2, ln) for k, ln in enumerate(lines[1:]) if ln.strip()]
-  expected = 2 * per_class * num_folds
-  if len(body) != expected:
-    raise ValueError(f"{path}: header {lines[0].strip()!r} announces {expected} pairs, found {len(body)}")
-  name1, idx1, name2, idx2, same = [], [], [], [], []
-  for lineno, ln in body:
-    fields = ln.split()
-    try:
-      if len(fields) == 3:
-        n1, i1, n2, i2 = fields[0], int(fields[1]), fields[0], int(fields[2])
-      elif len(fields) == 4:
-        n1, i1, n2, i2 = fields[0], int(fields[1]), fields[2], int(fields[3])
-      else:
-        raise ValueError
-    except ValueError:
-      raise ValueError(f"{path}: line {lineno}: expected 'name i j' or 'name1 i name2 j', got {ln!r}") from None
-    if i1 < 1 or i2 < 1:
-      raise ValueError(f"{path}: line {lineno}: image indexes are 1-based, got {ln!r}")
-    for n in (n1, n2):
-      if n in (".", "..") or "/" in n or "\\" in n:
-        raise ValueError(f"{path}: line {lineno}: bad person name {n!r}")
-    name1.append(n1)
-    idx1.append(i1)
-    name2.append(n2)
-    idx2.append(i2)
-    same.append(len(fields) == 3)
-  same_arr = np.asarray(same, np.bool_)
-  # Each block of 2N lines is N matched pairs then N mismatched ones.
-  block = np.arange(expected) % (2 * per_class)
-  expected_same = block < per_class
-  if not np.array_equal(same_arr, expected_same):
-    bad = int(np.flatnonzero(same_arr != expected_same)[0])
-    kind = "matched ('name i j')" if expected_same[bad] else "mismatched ('name1 i name2 j')"
-    raise ValueError(f"{path}: line {body[bad][0]}: expected a {kind} pair here "
-                     f"(blocks of {per_class} matched then {per_class} mismatched)")
-  folds = np.arange(expected) // (2 * per_class) if len(counts) == 2 and num_folds >= 2 else None
-  return Pairs(tuple(name1), np.asarray(idx1, np.int64), tuple(name2), np.asarray(idx2, np.int64),
-               same_arr, None if folds is None else folds.astype(np.int64))
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +78,6 @@ def pick_face(boxes: np.ndarray, height: int, width: int, how: str = "centre") -
   if how not in FACE_CHOICES:
     raise ValueError(f"--face: expected one of {FACE_CHOICES}, got {how!r}")
   if how == "main":
-    from jaxface.recognition import encoders
     return encoders.largest(boxes, (height, width))
   b = np.asarray(boxes, np.float64)
   cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
@@ -179,7 +91,6 @@ def embed_image(path: str, upsample: int, face: str = "centre"):
 
   ``face``: which of several faces to use (:func:`pick_face`).
   """
-  from jaxface import faces
   img = faces.load_image(path)
   boxes = faces.detect(img, upsample=upsample)
   if boxes.shape[0] == 0:
@@ -191,13 +102,11 @@ def embed_image(path: str, upsample: int, face: str = "centre"):
 
 
 PIPELINE_MODULES = ("jaxface.images", "jaxface.faces", "jaxface.faces.detector", "jaxface.faces.nms",
-                    "jaxface.faces.landmarks", "jaxface.faces.chips", "jaxface.models.dlib_resnet")
+                    "jaxface.faces._landmarks", "jaxface.faces._chips", "jaxface.models.dlib_resnet")
 
 
 def pipeline_fingerprint() -> str:
   """sha256 (16 hex) of the pipeline's source files: cached embeddings from other code are stale."""
-  import hashlib
-  import importlib.util
   h = hashlib.sha256()
   for mod in PIPELINE_MODULES:
     spec = importlib.util.find_spec(mod)
@@ -292,7 +201,6 @@ def embed_all(relpaths: list[str], images_dir: str, upsample: int, cache: Embedd
 def verification_metrics(dist: np.ndarray, same: np.ndarray, folds: np.ndarray | None,
                          num_folds: int = 10, seed: int = 0) -> dict[str, Any]:
   """Accuracy at 0.6, k-fold tuned accuracy and AUC for Euclidean distances."""
-  from jaxface import metrics
   dist = np.asarray(dist, np.float64)
   same = np.asarray(same, np.bool_)
   out: dict[str, Any] = {
@@ -321,12 +229,12 @@ def verification_metrics(dist: np.ndarray, same: np.ndarray, folds: np.ndarray |
   return out
 
 
-def evaluate(pairs: Pairs, images_dir: str, cache: EmbeddingCache, upsample: int,
+def evaluate(pairs: lfw.Pairs, images_dir: str, cache: EmbeddingCache, upsample: int,
              printer: Callable[[str], None] = print,
              embed_fn: Callable[[str, int], Any] = embed_image, face: str = "centre") -> dict[str, Any]:
   """Embeds what the pairs need, then computes coverage and both protocols' metrics."""
   imgs = pairs.images()
-  rel = {im: image_relpath(*im) for im in imgs}
+  rel = {im: lfw.image_relpath(*im) for im in imgs}
   exists = {im: os.path.isfile(os.path.join(images_dir, rel[im])) for im in imgs}
   present = [rel[im] for im in imgs if exists[im]]
   printer(f"{len(pairs)} pairs, {len(imgs)} distinct images, {len(present)} present in {images_dir}")
@@ -399,7 +307,6 @@ def run(pairs_path: str, images_dir: str, upsample: int, workdir: str | None,
   ``face``: which of several detected faces is embedded (:func:`pick_face`);
   each choice has its own cache file.
   """
-  from jaxface import paths
   pairs_path, images_dir = paths.expand(pairs_path), paths.expand(images_dir)
   if not os.path.isdir(images_dir):
     raise FileNotFoundError(f"--images: {images_dir} is not a directory")
@@ -409,7 +316,7 @@ def run(pairs_path: str, images_dir: str, upsample: int, workdir: str | None,
     raise ValueError(f"--face: expected one of {FACE_CHOICES}, got {face!r}")
   if embed_fn is embed_image and face != "centre":
     embed_fn = functools.partial(embed_image, face=face)
-  pairs = read_pairs(pairs_path)
+  pairs = lfw.read_pairs(pairs_path)
   cache = EmbeddingCache(workdir, upsample, pipeline_fingerprint(), face)
   if cache.stale:
     printer(f"{cache.path}: made by other pipeline code, recomputing all embeddings")
@@ -428,8 +335,6 @@ def run(pairs_path: str, images_dir: str, upsample: int, workdir: str | None,
 
 
 def main(argv):
-  from absl import flags
-  from experiments import flagutil
   FLAGS = flags.FLAGS
   flagutil.start(argv)
   flagutil.tune_cpu_xla()
@@ -443,7 +348,6 @@ def main(argv):
 def _define_flags() -> None:
   # Defined only when run as a script, so that importing this module (tests) never
   # collides with other entry points' flags (e.g. experiments.triplet's --workdir).
-  from absl import flags
   flags.DEFINE_string("pairs", PAIRS_DEFAULT, "LFW pairs file (header 'N' or 'FOLDS N')")
   flags.DEFINE_string("images", IMAGES_DEFAULT, "LFW image root (<name>/<name>_%04d.jpg)")
   flags.DEFINE_integer("upsample", 0, "detector upsampling steps (0 = image as is)", lower_bound=0)
@@ -454,7 +358,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  from experiments import flagutil as _flagutil
   _define_flags()
-  app.run(main, flags_parser=_flagutil.parse_flags_exit2)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

@@ -13,19 +13,14 @@ r"""Gatys neural style transfer.
   # must be one directory shared by all hosts (Filestore / gcsfuse mount)
   python -m experiments.nst --content=... --num_devices=0 --distributed=on --workdir=/mnt/shared/nst
 
-Every field of ``jaxface.style.config.NSTConfig`` is a flag. A run always
-resumes from the latest checkpoint in ``--workdir``; the stylised images are
-written there as ``<content>_stylized.png``. ``--num_devices`` (default 1; 0 =
-all) splits the batch of content images over devices; it must divide their
-number (jaxface.style.sharding). Under ``--distributed`` every process loads the
-images, the batch is split over the devices of all processes, all of them
-checkpoint together, and process 0 alone prints and writes the PNGs.
-Progress and warnings go to stderr; stdout gets the paths of the stylised
-images, one a line.
+Every field of ``jaxface.style.config.NSTConfig`` is a flag. A run resumes from
+the latest checkpoint in ``--workdir`` and writes ``<content>_stylized.png``
+there; ``--num_devices`` (default 1; 0 = all) must divide the number of content
+images (BUILD.md, "Style transfer batch sharded over devices"). Progress and
+warnings go to stderr; stdout gets the paths of the stylised images, one a line.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import flagutil
 from jaxface.style import config as config_lib
@@ -38,20 +33,19 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   # No flagutil.tune_cpu_xla() here: for VGG19 style transfer the flag that
-  # helps the encoder measured 1.1x slower at 512 px and 1.9x slower for a
-  # batch of 4 (python -m experiments.bench.nst_step; BUILD.md).
+  # helps the encoder measured slower (BUILD.md, "Neural style transfer").
   flagutil.start(argv)
   try:
     cfg = flagutil.config_from_flags(config_lib.NSTConfig).validate()
   except ValueError as e:
-    flagutil.fail(str(e))
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.NSTConfig))
   flagutil.start_distributed(cfg)  # before anything touches a device
   from jaxface import checkpointing  # heavy imports after the config is known to be valid
   from jaxface.style import transfer
   try:
     result = transfer.run(cfg, FLAGS.workdir, stop_after=FLAGS.stop_after, printer=flagutil.progress)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, transfer.TransferError) as e:
-    flagutil.fail(str(e))
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.NSTConfig))
   import jax
   if jax.process_index() == 0:  # one process speaks for all
     for path in result.get("outputs", []):  # results on stdout; progress and warnings: stderr

@@ -2,48 +2,11 @@ r"""Open-set 1:K recognition on real faces, and the Siamese head vs a plain dist
 
   python -m experiments.recognition_eval          # lfw_subset, dlib pipeline, cache in runs/lfw_eval
 
-Protocol (``--images``, default ``$JAXFACE_DATA/faces/lfw_subset``, one folder
-per identity):
-
-* gallery: for every identity with >= 2 images, its first image (natural file
-  order) that has a face is enrolled (one-shot);
-* known queries: the other images of those identities;
-* unknown queries: every image of the identities with exactly 1 image (never
-  enrolled: they must come back "not recognized").
-
-Thresholds without peeking: ``pairsDevTrain.txt`` cannot be used (only 11 of
-its 2200 pairs have both images in the subset), so the identities are split
-at random (``--seed``) into two folds, and every query is decided with
-thresholds fitted on the *other* fold's people only:
-
-* ``best_accuracy``: best accuracy on the other fold's balanced pairs (every
-  same pair, as many different pairs sampled);
-* ``far<=T``: the loosest threshold with pair FAR <= ``--target_far`` over all
-  the other fold's pairs;
-* ``open_set_far<=T``: the 1:K protocol simulated on the other fold, loosest
-  threshold accepting at most ``--open_set_far`` of its unknown queries (its
-  gallery is half as large, so the full gallery's FAR comes out higher);
-* ``dlib_0.6``: dlib's fixed rule.
-
-The gallery is the whole subset's (one image per identity with >= 2 images).
-Reported per threshold, pooled over both folds: rank-1 accuracy of known
-queries (nearest gallery identity is right, whatever the threshold), correct
-accept rate, FRR (known queries rejected as "not recognized"),
-misidentification rate (accepted as someone else) and FAR (unknown queries
-accepted as someone).
-
-One-shot galleries of K people (``one_shot_identification``, K = 25, 100,
-400 by default): random galleries of one random image per person
-(``jaxface.recognition.open_set``), DIR at FPIR 1% and 0.1% for the raw
-distance and for S-norm against a background cohort (a fixed random half of
-the single-image identities, never enrolled nor searched), plus the DIR and
-measured FPIR of dlib's 0.6 and of a pair-FAR threshold: at a fixed
-threshold FPIR grows with K.
-
-Siamese head vs threshold (``jaxface.recognition.siamese``): heads trained
-on one fold's balanced pairs, scored on the other fold's balanced pairs, next
-to the best-accuracy threshold of the same training fold: accuracy
-(p >= 0.5 vs d <= t) and ROC AUC, pooled over both folds.
+One-shot gallery of every identity of ``--images`` with >= 2 images, known and
+unknown queries decided with thresholds fitted on the other fold's people
+(best accuracy, pair FAR, open-set FAR, dlib's 0.6), one-shot galleries of K
+people (DIR at FPIR, raw distance and S-norm), and Siamese heads against the
+best-accuracy threshold; the protocol: BUILD.md, "Open-set 1:K protocol".
 
 Embeddings: each image once through the dlib pipeline with the face nearest
 the image centre (``experiments.lfw_eval.embed_image``), cached in
@@ -58,9 +21,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from absl import app, flags
+
+from experiments import flagutil, lfw_eval
+from jaxface import metrics, paths
+from jaxface.recognition import calibrate, open_set
+
+# search and siamese import JAX: imported by run(), after the flags are parsed (a bad flag exits at once).
 
 IMAGES_DEFAULT = "$JAXFACE_DATA/faces/lfw_subset"
 
@@ -155,7 +126,6 @@ def one_shot_identification(emb: np.ndarray, labels: np.ndarray, *, sizes: tuple
   Args:
     emb: [N, D] embeddings of the images with a face; labels: [N] int identity.
   """
-  from jaxface.recognition import calibrate, open_set
   if len(sizes) != len(rounds):
     raise ValueError(f"one_shot sizes {sizes} and rounds {rounds} differ in length")
   names, counts = np.unique(labels, return_counts=True)
@@ -197,7 +167,8 @@ def one_shot_identification(emb: np.ndarray, labels: np.ndarray, *, sizes: tuple
                     "min_supported_fpir": open_set.min_supported_fpir(int(per_round))})
       for fpir in fpirs:
         if per_round < open_set.nonmated_needed(fpir):
-          res[f"fpir={fpir:g}"] = {"measurable": False, "min_supported_fpir": open_set.min_supported_fpir(int(per_round))}
+          res[f"fpir={fpir:g}"] = {"measurable": False,
+                                   "min_supported_fpir": open_set.min_supported_fpir(int(per_round))}
           continue
         d = open_set.dir_at_fpir(sim["mated_top1_ids"], sim["mated_truth"], sim["mated_top1_scores"],
                                  sim["nonmated_top1_scores"], fpir)
@@ -236,13 +207,11 @@ def one_shot_lines(out: dict[str, Any], fpirs: tuple[float, ...], key_far: str) 
 
 
 def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int = 0,
-        target_far: float = 1e-3, open_set_far: float = 0.05, features: tuple[str, ...] = ("abs", "abs+chi2"), seed: int = 0,
-        printer: Callable[[str], None] = print, embed_fn=None, one_shot_sizes: tuple[int, ...] = (25, 100, 400),
-        one_shot_rounds: tuple[int, ...] = (30, 30, 10), fpirs: tuple[float, ...] = (0.01, 0.001),
-        snorm_top_ks: tuple[int, ...] = (0, 100)) -> dict[str, Any]:
-  from experiments import lfw_eval
-  from jaxface import metrics, paths
-  from jaxface.recognition import calibrate, search, siamese
+        target_far: float = 1e-3, open_set_far: float = 0.05, features: tuple[str, ...] = ("abs", "abs+chi2"),
+        seed: int = 0, printer: Callable[[str], None] = print, embed_fn=None,
+        one_shot_sizes: tuple[int, ...] = (25, 100, 400), one_shot_rounds: tuple[int, ...] = (30, 30, 10),
+        fpirs: tuple[float, ...] = (0.01, 0.001), snorm_top_ks: tuple[int, ...] = (0, 100)) -> dict[str, Any]:
+  from jaxface.recognition import search, siamese
   images_dir = paths.expand(images_dir)
   if not os.path.isdir(images_dir):
     raise FileNotFoundError(f"--images: {images_dir} is not a directory")
@@ -393,21 +362,18 @@ def run(images_dir: str, cache_dir: str, workdir: str | None, *, upsample: int =
 
 
 def main(argv):
-  from absl import flags
-  from experiments import flagutil
   FLAGS = flags.FLAGS
   flagutil.start(argv)
   flagutil.tune_cpu_xla()
   try:
     run(FLAGS.images, FLAGS.cache_dir, FLAGS.workdir or None, upsample=FLAGS.upsample,
-        target_far=FLAGS.target_far, open_set_far=FLAGS.open_set_far, features=tuple(FLAGS.siamese_features), seed=FLAGS.seed,
-        printer=lambda s: print(s, flush=True))
+        target_far=FLAGS.target_far, open_set_far=FLAGS.open_set_far, features=tuple(FLAGS.siamese_features),
+        seed=FLAGS.seed, printer=lambda s: print(s, flush=True))
   except (ValueError, FileNotFoundError) as e:
     flagutil.fail(str(e))
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("images", IMAGES_DEFAULT, "image root, one folder per identity")
   flags.DEFINE_integer("seed", 0, "seed of the identity folds and the pair subsampling")
   flags.DEFINE_string("cache_dir", "runs/lfw_eval", "embedding cache folder (shared with experiments.lfw_eval)")
@@ -419,7 +385,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  from experiments import flagutil as _flagutil
   _define_flags()
-  app.run(main, flags_parser=_flagutil.parse_flags_exit2)
+  app.run(main, flags_parser=flagutil.parse_flags_exit2)

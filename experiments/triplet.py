@@ -20,7 +20,9 @@ r"""Triplet-loss training of a face encoder.
   python -m experiments.triplet --data=folder --data_path=$JAXFACE_DATA/faces/lfw_subset \
       --drop_small --workdir=runs/lfw
 
-Every field of ``jaxface.train.config.TripletConfig`` is a flag. A run always
+Every setting of ``jaxface.train.config.TripletConfig`` is a flag, named as
+the setting (``--P`` sets ``data.P``, ``--strategy`` sets ``loss.strategy``;
+``--data`` sets ``data.kind``); errors name the flag. A run always
 resumes from the latest checkpoint in ``--workdir``. Progress, notes and
 warnings go to stderr; stdout gets the result files written (``metrics.json``,
 ``roc.png``), one path a line. A wrong flag or input exits 2 with ``error:
@@ -30,8 +32,7 @@ warnings go to stderr; stdout gets the result files written (``metrics.json``,
 
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import flagutil
 from jaxface.train import config as config_lib
@@ -46,11 +47,12 @@ def main(argv):
   flagutil.tune_cpu_xla()
   flagutil.start(argv)
   try:
-    cfg = flagutil.config_from_flags(config_lib.TripletConfig).validate()
+    cfg = flagutil.config_from_flags(config_lib.TripletConfig)
   except ValueError as e:
-    flagutil.fail(str(e))
-  flagutil.start_distributed(cfg)  # before anything touches a device
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.TripletConfig))
+  flagutil.start_distributed(cfg.runtime)  # before anything touches a device
   from jaxface import checkpointing  # heavy imports after the config is known to be valid
+  from jaxface.data import source as source_lib
   from jaxface.train import triplet
   workdir = FLAGS.workdir
   existed = os.path.exists(workdir)
@@ -59,7 +61,11 @@ def main(argv):
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError, triplet.TrainingError) as e:
     if not existed:
       flagutil.remove_if_worthless(workdir)  # a run that failed early leaves no empty workdir
-    flagutil.fail(str(e))
+    if isinstance(e, source_lib.SmallIdentitiesError):  # the fix, in flags
+      flagutil.fail(f"--K={e.K} is larger than the number of images of {len(e.names)} of "
+                    f"{e.num_identities} training identities: {e.listing}. Lower --K, or pass "
+                    f"--drop_small to leave those identities out")
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.TripletConfig))
   import jax
   if results and jax.process_index() == 0:  # results on stdout (progress: stderr): the files written
     for name in ("metrics.json", "roc.png"):

@@ -22,8 +22,7 @@ marks the unit's own stride-sized cell.
 
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import flagutil
 from jaxface.visualize import config as config_lib
@@ -38,14 +37,14 @@ def main(argv):
   flagutil.start(argv)
   try:
     cfg = flagutil.config_from_flags(config_lib.VisualizeConfig).validate()
-  except ValueError as e:
-    flagutil.fail(str(e))
+  except ValueError as e:  # the library names config fields; say the flags
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.VisualizeConfig))
   from jaxface import checkpointing  # heavy imports after the config is known to be valid
   from jaxface.visualize import run as run_lib
   try:
     summary = run_lib.run(cfg, FLAGS.workdir, printer=flagutil.progress)
   except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
-    flagutil.fail(str(e))
+    flagutil.fail(flagutil.flag_error(str(e), config_lib.VisualizeConfig))
   # Results on stdout (progress and warnings went to stderr): the files written.
   for layer in summary["layers"]:
     print(os.path.join(FLAGS.workdir, layer["png"]), flush=True)

@@ -98,7 +98,7 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e)[:500]}); "
           f"it may be truncated or from a different model. Move that directory away to resume "
-          f"from an earlier step, or use a new --workdir") from e
+          f"from an earlier step, or use a new workdir") from e
     state = restored["state"]
     bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(state)
            if hasattr(v, "dtype") and jax.numpy.issubdtype(v.dtype, jax.numpy.floating)
@@ -132,7 +132,7 @@ def check_resumable(saved: dict, current: dict, *, may_change: tuple[str, ...]) 
   if diffs:
     lines = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
     raise CheckpointError(
-        f"the workdir holds a run with a different config ({lines}); use a new --workdir "
+        f"the workdir holds a run with a different config ({lines}); use a new workdir "
         f"or the same settings")
 
 

@@ -24,3 +24,16 @@ class JsonConfig:
       raise ValueError(f"unknown config keys: {sorted(unknown)}")
     # JSON has no tuples; frozen configs hold tuples so they compare and hash by value.
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def field(default: Any, help: str = "", *, flag: str | None = None) -> Any:
+  """A config dataclass field whose metadata holds its help text and, when its flag
+  is not named like the field, the flag's name (``experiments.flagutil`` defines
+  one absl flag per field from them)."""
+  metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def invalid(name: str, value: Any, why: str) -> ValueError:
+  """The error of a bad setting, naming the parameter: ``name=value!r: why``."""
+  return ValueError(f"{name}={value!r}: {why}")

@@ -1,20 +1,10 @@
 """Output shapes of N-D convolutions, without running one.
 
-``conv_output_shape`` is plain Python (this module imports no JAX at load
-time, so ``import jaxface`` stays cheap); ``lax_conv_output_shape`` asks
+:func:`conv_output_shape` is plain Python (this module imports no JAX at load
+time, so ``import jaxface`` stays cheap); :func:`lax_conv_output_shape` asks
 ``jax.lax.conv_general_dilated`` for the shape it really produces, and the
-tests check that the two agree.
-
-Shapes are channels-last and exclude the batch: a 1-D signal is ``(T, C)``, an
-image ``(H, W, C)``, a volume ``(D, H, W, C)``. Along each spatial axis, with
-input size n, kernel k, stride s, dilation d and padding (lo, hi)::
-
-    out = floor((n + lo + hi - d * (k - 1) - 1) / s) + 1
-
-``padding="valid"`` is (0, 0); ``padding="same"`` pads so that
-``out = ceil(n / s)`` (TensorFlow/JAX "SAME": the total padding
-``max((out - 1) * s + d * (k - 1) + 1 - n, 0)`` is split with the odd pixel
-at the end).
+tests check that the two agree. Shapes are channels-last and exclude the batch:
+a 1-D signal is ``(T, C)``, an image ``(H, W, C)``, a volume ``(D, H, W, C)``.
 """
 
 from __future__ import annotations
@@ -111,6 +101,16 @@ def conv_padding(input_shape, kernel, stride=1, padding=0, dilation=1) -> tuple[
 
 def conv_output_shape(input_shape, kernel, filters, stride=1, padding=0, dilation=1) -> tuple[int, ...]:
   """Shape of a convolution's output (channels-last, no batch axis).
+
+  Along each spatial axis, with input size n, kernel k, stride s, dilation d and
+  padding (lo, hi)::
+
+    out = floor((n + lo + hi - d * (k - 1) - 1) / s) + 1
+
+  ``padding="valid"`` is (0, 0); ``padding="same"`` pads so that
+  ``out = ceil(n / s)`` (TensorFlow/JAX "SAME": the total padding
+  ``max((out - 1) * s + d * (k - 1) + 1 - n, 0)`` is split with the odd pixel
+  at the end).
 
   Examples (the lecture's)::
 

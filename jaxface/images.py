@@ -1,45 +1,11 @@
 """Robust image loading for the face pipeline: anything reasonable -> uint8 [H, W, 3] RGB.
 
-``load_image(src)`` accepts a path (``str`` / ``os.PathLike``), an open binary
-file object, a ``PIL.Image.Image`` or an array (numpy, or anything with
-``__array__`` such as a JAX array) and returns a C-contiguous ``uint8 [H, W, 3]``
-RGB array. Conventions, chosen once so every caller sees the same pixels:
-
-* **EXIF orientation** (tag 0x0112) is applied to files and PIL images with
-  ``PIL.ImageOps.exif_transpose``, so a phone photo comes out upright. Arrays
-  carry no EXIF and are taken as they are.
-* **Grayscale** (modes ``1``, ``L``, ``I;16*``, ``I``, ``F`` and 2-D or
-  ``[H, W, 1]`` arrays) is replicated to three equal channels.
-* **16-bit** data (``I;16*`` modes, ``uint16`` arrays) keep their 8 most
-  significant bits (``v >> 8``): the full 16-bit range maps onto the full 8-bit
-  range, instead of clipping everything above 255 to white. PIL already reads
-  16-bit-per-channel RGB PNGs as 8-bit RGB this way. Mode ``I`` (32-bit signed,
-  how some readers hand out 16-bit data) is treated as 16-bit: values are
-  clipped to [0, 65535], then ``>> 8``.
-* **Float** data (mode ``F``, float arrays) must be finite and within [0, 1];
-  it maps to ``round(v * 255)``. Anything else is a ValueError (no guessing
-  whether 1.0 means "white" or "almost black").
-* **Alpha** (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour,
-  ``[H, W, 4]`` / ``[H, W, 2]`` arrays) is composited on **black**:
-  ``round(c * a / 255)``. A fully transparent pixel is black whatever colour it
-  hides (often undefined garbage), and this is what dlib's own loader yields
-  when it assigns an RGBA image to an RGB one.
-* **Other colour spaces** (``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, palette
-  without transparency) go through PIL's ``convert("RGB")``.
-* **Multi-frame** files (GIF, TIFF) give their first frame.
-
-Safety: a file or PIL image larger than ``max_pixels`` (default 178,956,970 =
-PIL's own hard limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS``) is refused with
-:class:`ImageTooLargeError` *before* any pixel is decoded; PIL's
-``DecompressionBombWarning`` (emitted from half that size) never escapes, the
-explicit limit replaces it. ``max_pixels=None`` disables the check. The
-default limit can be raised without code, e.g. for every command line, with
-the environment variable ``JAXFACE_MAX_IMAGE_PIXELS`` (a pixel count, or
-``none`` for no limit), read by :func:`default_max_pixels`. Truncated,
-corrupt or non-image files raise :class:`ImageError` (a ValueError) naming the
-path; a missing file is a ``FileNotFoundError``. Truncated files are only
-detected while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default;
-this module never changes it).
+:func:`load_image` accepts a path, an open binary file object, a
+``PIL.Image.Image`` or an array and returns a C-contiguous ``uint8 [H, W, 3]``
+RGB array, with one set of conventions (EXIF orientation, grayscale, 16-bit,
+float, alpha) for every caller, and a pixel limit checked before decoding
+(:func:`default_max_pixels`). Bad input raises :class:`ImageError` (a
+ValueError) naming the path; a missing file is a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -52,8 +18,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageError", "ImageTooLargeError",
            "default_max_pixels", "load_image"]
@@ -94,7 +59,8 @@ def default_max_pixels() -> int | None:
   """The pixel limit of :func:`load_image` when none is passed.
 
   ``$JAXFACE_MAX_IMAGE_PIXELS`` when set (a positive integer; ``_`` and ``,``
-  separators allowed; ``none`` = no limit), else :data:`DEFAULT_MAX_PIXELS`.
+  separators allowed; ``none`` = no limit), else :data:`DEFAULT_MAX_PIXELS`. The
+  variable raises the limit without code, e.g. for every command line.
 
   Raises:
     ValueError: naming the variable, for a value that is neither.
@@ -124,6 +90,37 @@ def _how_to_allow(needed: int | None = None) -> str:
 
 def load_image(src: Any, *, max_pixels: int | None = _FROM_ENV) -> np.ndarray:
   """Loads `src` as an RGB image.
+
+  Conventions, chosen once so every caller sees the same pixels:
+
+  * **EXIF orientation** (tag 0x0112) is applied to files and PIL images with
+    ``PIL.ImageOps.exif_transpose``, so a phone photo comes out upright. Arrays
+    carry no EXIF and are taken as they are.
+  * **Grayscale** (modes ``1``, ``L``, ``I;16*``, ``I``, ``F`` and 2-D or
+    ``[H, W, 1]`` arrays) is replicated to three equal channels.
+  * **16-bit** data (``I;16*`` modes, ``uint16`` arrays) keep their 8 most
+    significant bits (``v >> 8``): the full 16-bit range maps onto the full 8-bit
+    range, instead of clipping everything above 255 to white. PIL already reads
+    16-bit-per-channel RGB PNGs as 8-bit RGB this way. Mode ``I`` (32-bit signed,
+    how some readers hand out 16-bit data) is treated as 16-bit: values are
+    clipped to [0, 65535], then ``>> 8``.
+  * **Float** data (mode ``F``, float arrays) must be finite and within [0, 1];
+    it maps to ``round(v * 255)``. Anything else is a ValueError (no guessing
+    whether 1.0 means "white" or "almost black").
+  * **Alpha** (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour,
+    ``[H, W, 4]`` / ``[H, W, 2]`` arrays) is composited on **black**:
+    ``round(c * a / 255)``. A fully transparent pixel is black whatever colour it
+    hides (often undefined garbage), and this is what dlib's own loader yields
+    when it assigns an RGBA image to an RGB one.
+  * **Other colour spaces** (``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, palette
+    without transparency) go through PIL's ``convert("RGB")``.
+  * **Multi-frame** files (GIF, TIFF) give their first frame.
+
+  Safety: a file or PIL image larger than ``max_pixels`` is refused *before*
+  any pixel is decoded; PIL's ``DecompressionBombWarning`` (emitted from half
+  the default limit) never escapes, the explicit limit replaces it. Truncated
+  files are only detected while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False
+  (PIL's default; this module never changes it).
 
   Args:
     src: a path (``str`` / ``os.PathLike``), a binary file object (with

@@ -1,31 +1,27 @@
 """Evaluation of face embeddings: verification (pairs) and identification.
 
-Everything here runs on the host, in NumPy float64, after the embeddings have
-been computed: the inputs are at most ~1e4 images / ~1e6 pairs, sorting and
-exact integer counting are what matter, and float64 keeps distance ties and
-threshold midpoints exact for float32 embeddings. All functions are vectorized;
-the only Python loops are over folds, thresholds asked for, or fixed-size
-memory chunks.
-
-Conventions
------------
-* A pair is predicted "same identity" when ``distance <= threshold``.
-* Distances between embeddings are squared Euclidean, on the embeddings as
-  given (pass L2-normalized embeddings for the usual FaceNet convention, where
-  squared distances lie in [0, 4]).
-* FAR (false accept rate) = false accepts / negative pairs; TAR (true accept
-  rate) = true accepts / positive pairs. ``fpr``/``tpr`` of the ROC are the
-  same quantities.
+Everything runs on the host in NumPy float64 after the embeddings are computed:
+the inputs are at most ~1e4 images / ~1e6 pairs, sorting and exact integer
+counting are what matter, and float64 keeps distance ties and threshold
+midpoints exact for float32 embeddings. A pair is predicted "same identity" when
+``distance <= threshold``; distances are squared Euclidean on the embeddings as
+given (pass L2-normalized ones for the FaceNet convention: squared distances in
+[0, 4]). FAR = false accepts / negative pairs, TAR = true accepts / positive
+pairs (the ROC's ``fpr``/``tpr``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
+# All functions are vectorized; the only Python loops are over folds, thresholds asked for,
+# or fixed-size memory chunks.
 __all__ = [
     "all_pairs",
     "balanced_pairs",
@@ -39,6 +35,8 @@ __all__ = [
     "identification",
     "evaluate_embeddings",
     "save_roc_png",
+    "check_scores",
+    "as_embeddings",
 ]
 
 # Elements of a [rows, gallery] float64 distance block kept in memory at once
@@ -77,9 +75,14 @@ def _as_same(same: Any, name: str = "same") -> np.ndarray:
   return arr
 
 
-def _check_scores(distances: Any, same: Any, *, need_both: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Validates (distances [M] float, same [M] bool) -> float64 / bool copies."""
+def check_scores(distances: Any, same: Any, *, need_both: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Validates labeled pair scores: (distances [M] real, same [M] bool or 0/1) -> float64 / bool copies.
+
+  Raises ValueError naming the argument for a wrong shape or dtype, an empty,
+  NaN or infinite ``distances``, mismatched lengths, and (with ``need_both``)
+  when one class is missing.
+  """
   d = np.asarray(distances)
   if d.ndim != 1:
     raise ValueError(f"distances: expected a 1-D array [M], got shape {d.shape}")
@@ -104,7 +107,8 @@ def _check_scores(distances: Any, same: Any, *, need_both: bool = True
   return d, s
 
 
-def _as_embeddings(x: Any, name: str) -> np.ndarray:
+def as_embeddings(x: Any, name: str) -> np.ndarray:
+  """Validates [N, D] finite real embeddings (N, D >= 1) -> a float64 copy; errors name ``name``."""
   arr = np.asarray(x)
   if arr.ndim != 2:
     raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {arr.shape}")
@@ -275,7 +279,7 @@ def pair_distances(embeddings: Any, i: Any, j: Any) -> np.ndarray:
     [M] float64 distances ||e[i] - e[j]||^2 (computed as differences, not via
     the norm expansion, so identical embeddings give exactly 0).
   """
-  emb = _as_embeddings(embeddings, "embeddings")
+  emb = as_embeddings(embeddings, "embeddings")
   ii = np.asarray(i)
   jj = np.asarray(j)
   if ii.ndim != 1 or jj.shape != ii.shape:
@@ -321,7 +325,7 @@ def roc_curve(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     (fpr, tpr, thresholds): three [K + 1] float64 arrays, fpr and tpr
     non-decreasing.
   """
-  d, s = _check_scores(distances, same)
+  d, s = check_scores(distances, same)
   u, _, pos, neg = _grouped_counts(d, s)
   tp = np.concatenate([[0], np.cumsum(pos)])
   fp = np.concatenate([[0], np.cumsum(neg)])
@@ -343,7 +347,7 @@ def roc_auc(distances: Any, same: Any) -> float:
   Returns:
     AUC as a Python float in [0, 1].
   """
-  d, s = _check_scores(distances, same)
+  d, s = check_scores(distances, same)
   _, _, pos, neg = _grouped_counts(d, s)
   tp = np.cumsum(pos)
   tp_before = tp - pos
@@ -374,7 +378,7 @@ def tar_at_far(distances: Any, same: Any, far: float) -> tuple[float, float]:
   Returns:
     (tar, threshold) as Python floats.
   """
-  d, s = _check_scores(distances, same)
+  d, s = check_scores(distances, same)
   if not isinstance(far, (int, float, np.integer, np.floating)) or not 0.0 < float(far) <= 1.0:
     raise ValueError(f"far: expected a number in (0, 1], got {far!r}")
   u, _, pos, neg = _grouped_counts(d, s)
@@ -428,7 +432,7 @@ def best_threshold(distances: Any, same: Any) -> tuple[float, float]:
     (threshold, accuracy): accept when ``distance <= threshold``; accuracy is
     the fraction of the M pairs classified correctly.
   """
-  d, s = _check_scores(distances, same)
+  d, s = check_scores(distances, same)
   u, _, pos, neg = _grouped_counts(d, s)
   return _best_from_counts(u, pos, neg)
 
@@ -459,7 +463,7 @@ def kfold_verification(distances: Any, same: Any, num_folds: int = 10, seed: int
   Raises:
     ValueError: bad inputs, or a fold whose complement lacks one of the classes.
   """
-  d, s = _check_scores(distances, same)
+  d, s = check_scores(distances, same)
   if folds is None:
     fold_ids = stratified_folds(s, num_folds, seed)
   else:
@@ -539,8 +543,8 @@ def identification(gallery: Any, gallery_labels: Any, queries: Any, query_labels
     dict with float ``rank1, top_k, dir, frr, far`` and int ``k, num_known,
     num_unknown``.
   """
-  g = _as_embeddings(gallery, "gallery")
-  q = _as_embeddings(queries, "queries")
+  g = as_embeddings(gallery, "gallery")
+  q = as_embeddings(queries, "queries")
   gl = _as_labels(gallery_labels, "gallery_labels")
   ql = _as_labels(query_labels, "query_labels")
   if gl.shape[0] != g.shape[0]:
@@ -657,7 +661,7 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
     max_pairs: optional cap on the number of verification pairs.
     pair_distance: optional ``(i [M] int, j [M] int) -> [M] float`` score of
       row pairs, lower = more alike (e.g. S-normed or fused distances,
-      `jaxface.recognition.score_norm`); it replaces the squared Euclidean
+      `jaxface.score_norm`); it replaces the squared Euclidean
       distance everywhere above, identification included (an identity's
       score is then the minimum over its gallery rows). Default: squared
       Euclidean distance of ``embeddings`` rows.
@@ -666,7 +670,7 @@ def evaluate_embeddings(embeddings: Any, labels: Any, *, seed: int = 0, num_fold
     (metrics, roc): metrics maps the names above to Python floats; roc is
     dict(fpr, tpr, thresholds) of float64 arrays from `roc_curve`.
   """
-  emb = _as_embeddings(embeddings, "embeddings")
+  emb = as_embeddings(embeddings, "embeddings")
   lab = _as_labels(labels)
   if lab.shape[0] != emb.shape[0]:
     raise ValueError(f"labels: length {lab.shape[0]} does not match embeddings rows {emb.shape[0]}")
@@ -760,7 +764,6 @@ _CURVE_RGB = (20, 60, 200)
 
 
 def _font(size: int):
-  from PIL import ImageFont
   try:
     return ImageFont.load_default(size=size)
   except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
@@ -782,8 +785,6 @@ def save_roc_png(fpr: Any, tpr: Any, path: str | os.PathLike, title: str = "ROC"
     ValueError: bad arrays, a path that is not .png, a missing folder, or a
       file that cannot be written.
   """
-  from PIL import Image, ImageDraw
-
   x = np.asarray(fpr, dtype=np.float64)
   y = np.asarray(tpr, dtype=np.float64)
   if x.ndim != 1 or x.size == 0:

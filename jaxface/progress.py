@@ -5,11 +5,6 @@
     ...
     bar.step(path)
   bar.close()
-
-On a terminal (``stream.isatty()``) one line is redrawn with ``\\r``; anywhere
-else (a log file, a pipe, CI) plain lines such as ``identify: 50/200 (25%),
-3.1 img/s`` are written at most every ~10% of the work or every 5 seconds,
-and a final line when the work is done, so logs are not filled with ``\\r``.
 """
 
 from __future__ import annotations
@@ -17,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 BAR_WIDTH = 24
 LOG_FRACTION = 0.1   # a log line at least every 10% of the work ...
@@ -33,7 +29,14 @@ def _is_tty(stream) -> bool:
 
 
 class Progress:
-  """Progress of ``total`` steps named ``label`` on ``stream`` (nothing when not ``enabled``)."""
+  """Progress of ``total`` steps named ``label`` on ``stream`` (nothing when not ``enabled``).
+
+  On a terminal (``stream.isatty()``) one line is redrawn with ``\\r``; anywhere
+  else (a log file, a pipe, CI) plain lines such as ``identify: 50/200 (25%),
+  R img/s`` are written at most every ``LOG_FRACTION`` of the work or every
+  ``LOG_SECONDS``, and a final line when the work is done, so logs are not
+  filled with ``\\r``. Usable as a context manager (closed on exit).
+  """
 
   def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True, *,
                clock: Callable[[], float] = time.perf_counter):
@@ -84,7 +87,7 @@ class Progress:
     else:
       self._write_line()
 
-  def __enter__(self) -> "Progress":
+  def __enter__(self) -> Progress:
     return self
 
   def __exit__(self, *exc) -> None:

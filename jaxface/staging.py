@@ -1,14 +1,7 @@
-"""Publishing a cache folder atomically: build it in a temporary sibling, then rename it.
+"""Publishing a cache folder atomically: build it in a temporary sibling, then rename it::
 
-The temporary folder of ``<parent>/<name>`` is ``<parent>/.<name>.tmp-<host>-<pid>-<random>``.
-:func:`make_temp` first removes the stale ones a killed earlier process left
-behind (SIGKILL or power loss run no cleanup): those whose process is gone
-(same host) or that are older than :data:`STALE_SECONDS` (any host; a
-conversion takes seconds). Inside :func:`removed_on_failure` the process's own
-temporary folder is removed on any exception, KeyboardInterrupt or SIGTERM::
-
-  tmp = staging.make_temp(final)
-  with staging.removed_on_failure(tmp):
+  tmp = staging.make_temp(final)                # stale siblings of killed processes removed first
+  with staging.removed_on_failure(tmp):         # tmp removed on any exception or SIGTERM
     write_everything_into(tmp)
     os.rename(tmp, final)   # readers see no folder or a complete one
 """
@@ -24,7 +17,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 # A temporary folder this old is stale whatever its process (another host's, a reused pid).
 STALE_SECONDS = 600.0
@@ -49,7 +42,12 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(final: str, *, now: float | None = None) -> list[str]:
-  """Removes the stale temporary siblings of ``final``; returns their paths."""
+  """Removes the stale temporary siblings of ``final``; returns their paths.
+
+  Stale: left behind by a killed earlier process (SIGKILL or power loss run no
+  cleanup), that is, its process is gone (same host) or it is older than
+  :data:`STALE_SECONDS` (any host; a conversion takes seconds).
+  """
   parent, prefix = os.path.dirname(os.path.normpath(final)) or ".", _prefix(final)
   try:
     entries = os.listdir(parent)
@@ -75,7 +73,8 @@ def remove_stale(final: str, *, now: float | None = None) -> list[str]:
 
 
 def make_temp(final: str) -> str:
-  """A new empty temporary folder next to ``final`` (stale ones removed first).
+  """A new empty temporary folder next to ``final`` (stale ones removed first):
+  ``<parent>/.<name>.tmp-<host>-<pid>-<random>`` for ``final`` = ``<parent>/<name>``.
 
   Raises:
     OSError: the parent folder cannot be created or written.

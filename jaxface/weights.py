@@ -1,25 +1,10 @@
-"""Pretrained VGG19 weights: find, download, convert once, load.
-
-``load_vgg19(path)`` reads a published VGG19 file (Keras .h5, torchvision
-.pth or MatConvNet .mat, detected from its content), validates it and
-converts it once into an orbax checkpoint under
-``<cache_dir()>/vgg19/<format>-<sha256[:16]>/``; ``<cache_dir()>/vgg19/index.json``
-remembers every conversion (source path, size, mtime, sha256) and which one is
-the default. Later calls, with the same path or with no path at all, load the
-checkpoint without re-reading the source file.
+"""Pretrained VGG19 weights: find, download, convert once (:func:`convert`), load (:func:`load_vgg19`).
 
 Command line (for users with internet; tests never download)::
 
   python -m jaxface.weights fetch vgg19 [--source=keras|torch|matconvnet] [--dest=DIR]
   python -m jaxface.weights convert PATH
   python -m jaxface.weights info
-
-``fetch`` downloads from the official URL to a temporary file next to the
-destination with a progress bar on stderr, checks the published checksum
-(Keras: md5 from keras-applications; torchvision: the sha256 prefix in the file
-name; MatConvNet publishes none, so its MATLAB header is checked and the sha256
-computed is printed and recorded in the cache), renames it into place
-atomically and converts it.
 """
 
 from __future__ import annotations
@@ -34,15 +19,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from jaxface import checkpointing
-from jaxface import paths
-from jaxface import staging
+from jaxface import checkpointing, paths, weight_cache
 from jaxface.formats import vgg_weights
 from jaxface.formats.vgg_weights import VGGWeights
+from jaxface.models import vgg19
+from jaxface.weight_cache import WeightsCacheError, file_digests  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +35,11 @@ ENV_VAR = "JAXFACE_VGG19"
 CACHE_VERSION = 1
 
 HOW_TO_GET_WEIGHTS = (
-    "get pretrained VGG19 weights with `python -m jaxface.weights fetch vgg19` (needs internet; "
-    "--source=keras|torch|matconvnet), or download one of "
+    "get pretrained VGG19 weights with `python -m jaxface.weights fetch vgg19 "
+    "[--source=keras|torch|matconvnet]` (needs internet), or download one of "
     "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 / vgg19-dcbbb0f4.pth / "
     "imagenet-vgg-verydeep-19.mat yourself and run `python -m jaxface.weights convert PATH` "
     f"(or set ${ENV_VAR}=PATH)")
-
-
-class WeightsCacheError(checkpointing.CheckpointError):
-  """The converted-weights cache exists but cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +72,12 @@ SOURCES = {
 OFFICIAL_FILENAMES = tuple(s.filename for s in SOURCES.values())
 
 
-# ----------------------------------------------------------------------------- hashing
-
-def file_digests(path: str, chunk: int = 1 << 20) -> tuple[str, str]:
-  """(sha256, md5) hex digests of a file, read in chunks."""
-  sha, md5 = hashlib.sha256(), hashlib.md5()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      sha.update(block)
-      md5.update(block)
-  return sha.hexdigest(), md5.hexdigest()
-
+# ----------------------------------------------------------------------------- cache
 
 def _stamp(path: str) -> list:
   st = os.stat(path)
   return [os.path.realpath(path), int(st.st_size), int(st.st_mtime_ns)]
 
-
-# ----------------------------------------------------------------------------- cache
 
 def _vgg_cache(cache_root: str | None) -> str:
   return os.path.join(cache_root or paths.cache_dir(), "vgg19")
@@ -153,28 +122,12 @@ def _save_entry(entry_dir: str, weights: VGGWeights, meta: dict) -> None:
     ck.save(0, state, config, force=True)
 
 
-def _publish_entry(entry_dir: str, weights: VGGWeights, meta: dict) -> None:
-  """Saves the entry in a temporary sibling (``.<entry>.tmp-<host>-<pid>-*``) and renames
-  it into place: a conversion killed midway leaves no half-written entry that
-  later loads would take for a damaged cache. The temporary folder goes on any
-  exception, Ctrl-C or SIGTERM; those of killed earlier processes on the next
-  conversion (:mod:`jaxface.staging`)."""
-  tmp = staging.make_temp(entry_dir)
-  with staging.removed_on_failure(tmp):
-    _save_entry(tmp, weights, meta)
-    try:
-      os.rename(tmp, entry_dir)
-    except OSError:
-      if not os.path.isdir(entry_dir):  # another process published the same entry first
-        raise
+_REDO = (" (pass the weight file path again or run `python -m jaxface.weights convert PATH`)")
 
 
 def _load_entry(entry_dir: str) -> VGGWeights:
   def damaged(why, cause=None):
-    err = WeightsCacheError(
-        f"the converted VGG19 weights in {entry_dir} cannot be used ({why}); delete that "
-        f"folder and convert again (pass the weight file path again or run "
-        f"`python -m jaxface.weights convert PATH`)")
+    err = weight_cache.damaged(entry_dir, why, _REDO)
     if cause is not None:
       raise err from cause
     raise err
@@ -201,7 +154,7 @@ def _load_entry(entry_dir: str) -> VGGWeights:
   _, state = restored
   params = {n: (np.asarray(v["kernel"]), np.asarray(v["bias"])) for n, v in state.items()}
   try:
-    params = vgg_weights.validate(params, f"VGG19 weights cache {entry_dir}",
+    params = vgg_weights.validate(params, f"VGG19 weights cache {entry_dir}", vgg19.CONVS,
                                   strict_shapes=bool(config.get("strict_shapes", True)))
     prep = vgg_weights.Preprocessing.from_dict(config["preprocessing"])
   except (ValueError, KeyError, TypeError) as e:
@@ -213,8 +166,15 @@ def convert(path: str, *, strict_shapes: bool = True, cache_root: str | None = N
             make_default: bool = True) -> VGGWeights:
   """Reads ``path`` (unless already converted) and returns its weights from the cache.
 
-  The file is looked up in the cache index by (real path, size, mtime), then
-  by sha256; only a file not seen before is read and converted.
+  The file (Keras .h5, torchvision .pth or MatConvNet .mat, detected from its
+  content by ``jaxface.formats.vgg_weights``) is validated and converted once, in
+  the one weight cache (:mod:`jaxface.weight_cache`), into an orbax checkpoint
+  under ``<cache_dir()>/vgg19/<format>-<sha256[:16]>/checkpoints/0``;
+  ``<cache_dir()>/vgg19/index.json`` remembers every conversion (source path,
+  size, mtime, sha256) and which one is the default. The file is looked up in
+  that index by (real path, size, mtime), then by sha256; only a file not seen
+  before is read and converted, so later calls load the checkpoint without
+  re-reading the source file.
 
   Raises:
     ValueError: naming the file, for a missing, unreadable or wrong file.
@@ -233,7 +193,7 @@ def convert(path: str, *, strict_shapes: bool = True, cache_root: str | None = N
     name = None  # its folder was deleted: convert again
   sha256 = md5 = None
   if name is None:
-    sha256, md5 = file_digests(path)
+    sha256, md5 = weight_cache.file_digests(path)
     name = f"{fmt}-{sha256[:16]}" + ("" if strict_shapes else "-loose")
   entry_dir = os.path.join(folder, name)
   if os.path.isdir(entry_dir):
@@ -245,10 +205,11 @@ def convert(path: str, *, strict_shapes: bool = True, cache_root: str | None = N
                                     sha256=sha256, md5=md5, format=fmt, source_path=stamp[0],
                                     source_size=stamp[1], strict_shapes=strict_shapes)
   else:
-    weights = vgg_weights.READERS[fmt](path, strict_shapes=strict_shapes)
+    weights = vgg_weights.READERS[fmt](path, vgg19.CONVS, strict_shapes=strict_shapes)
     meta = {"format": fmt, "sha256": sha256, "md5": md5, "source_path": stamp[0],
             "source_size": stamp[1], "strict_shapes": strict_shapes}
-    _publish_entry(entry_dir, weights, meta)
+    # Published atomically: a conversion killed midway leaves no half-written entry.
+    weight_cache.publish(entry_dir, lambda tmp: _save_entry(tmp, weights, meta))
     log.info("converted %s (sha256 %s) into %s", path, sha256, entry_dir)
     index["entries"][name] = dict(meta, stamp=stamp)
     weights = _load_entry(entry_dir)  # what later calls will see; also checks the write
@@ -430,8 +391,13 @@ def fetch(source: str = "keras", dest: str | None = None, *, url: str | None = N
           cache_root: str | None = None, strict_shapes: bool = True, stream=None) -> tuple[str, VGGWeights | None]:
   """Downloads the official VGG19 file of ``source`` into ``dest`` and converts it.
 
-  A file already at the destination that passes the checks is not downloaded
-  again.
+  The download goes to a temporary file next to the destination, with a
+  progress bar on stderr, and is checked against the published checksum
+  (Keras: md5 from keras-applications; torchvision: the sha256 prefix in the
+  file name; MatConvNet publishes none, so its MATLAB header is checked and the
+  sha256 computed is printed and recorded in the cache) before it is renamed
+  into place atomically (:func:`download`). A file already at the destination
+  that passes the checks is not downloaded again.
 
   Returns:
     (path of the downloaded file, converted weights or None when not converting).
@@ -455,7 +421,7 @@ def fetch(source: str = "keras", dest: str | None = None, *, url: str | None = N
 
 
 def _verify_existing(path: str, src: Source) -> bool:
-  sha, md5 = file_digests(path)
+  sha, md5 = weight_cache.file_digests(path)
   with open(path, "rb") as f:
     head = f.read(len(src.magic))
   return ((not src.md5 or md5 == src.md5) and (not src.sha256_prefix or sha.startswith(src.sha256_prefix))

@@ -1,8 +1,8 @@
 """Per-program XLA compiler options shared by jaxface's inference code.
 
-On CPU with jaxlib 0.10.x, XLA's YNN fusion ran the face detector's
-convolutions 2-5x slower and dlib's ResNet 1.4-1.7x slower on 2 cores
-(``python -m experiments.bench.faces``). ``experiments.flagutil.tune_cpu_xla``
+On CPU with jaxlib 0.10.x, XLA's YNN fusion slows the face detector's and
+dlib's ResNet's convolutions (figures: BUILD.md, "dlib face pipeline").
+``experiments.flagutil.tune_cpu_xla``
 turns it off process-wide through ``XLA_FLAGS``; library code cannot (the flag
 must be set before JAX starts), so it passes the same setting to ``jax.jit`` as
 ``compiler_options`` for its own programs. The user's own ``XLA_FLAGS`` entry

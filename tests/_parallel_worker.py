@@ -40,8 +40,9 @@ def task_grads(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from jaxface import parallel
-  from jaxface.train import triplet
+  from jaxface.train import step as step_lib
   from jaxface.train.config import TripletConfig
 
   cfg = TripletConfig(**{**TINY, **args["config"]})
@@ -49,7 +50,7 @@ def task_grads(args):
   mesh = parallel.make_mesh(n)
   rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   nc = cfg.P if cfg.cls_weight > 0 else 0  # CosFace classes: the batch's labels 0..P-1
-  graphdef, tx, state = triplet.init_state(cfg, num_classes=nc)
+  graphdef, tx, state = step_lib.init_state(cfg, num_classes=nc)
   rng = np.random.default_rng(args.get("seed", 0))
   b = cfg.P * cfg.K
   images = rng.integers(0, 256, (b, *cfg.image_size, cfg.channels), dtype=np.uint8)
@@ -64,7 +65,7 @@ def task_grads(args):
   def grads(c, m, xx, ll):
     key = (c.mining, m is None)
     if key not in jitted:  # one compile per variant (the shards share one)
-      f = triplet.make_grad_fn(graphdef, c, m)
+      f = step_lib.make_grad_fn(graphdef, c.model, c.loss, m)
       jitted[key] = jax.jit(f) if m is None else jax.jit(f, in_shardings=(rep, rep, rows, rows))
     loss, aux, new_rest, emb, g = jitted[key](trainable, state["rest"], xx, ll)
     return float(loss), _flat(g), _flat(new_rest)
@@ -93,10 +94,10 @@ def task_grads(args):
   steps = args.get("steps", 0)
   if steps:
     batch = {"images": images, "labels": labels}
-    s1 = triplet.init_state(cfg, num_classes=nc)[2]
-    step1 = triplet.make_train_step(graphdef, tx, cfg)
-    sn = parallel.replicate(triplet.init_state(cfg, num_classes=nc)[2], mesh)
-    stepn = triplet.make_train_step(graphdef, tx, cfg, mesh)
+    s1 = step_lib.init_state(cfg, num_classes=nc)[2]
+    step1 = step_lib.make_train_step(graphdef, tx, cfg)
+    sn = parallel.replicate(step_lib.init_state(cfg, num_classes=nc)[2], mesh)
+    stepn = step_lib.make_train_step(graphdef, tx, cfg, mesh)
     gbatch = parallel.global_batch(mesh, batch, b)
     for _ in range(steps):
       s1, m1 = step1(s1, batch)
@@ -120,6 +121,7 @@ def task_run(args):
                       process_id=args.get("process_id", -1), timeout_s=60)
   import jax
   from flax import nnx
+
   from jaxface.train import triplet
   from jaxface.train.config import TripletConfig
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxface import paths
+from jaxface import faces, paths
 from jaxface.data import align, folder
 from jaxface.train.config import TripletConfig
 
@@ -43,7 +43,6 @@ def _eye_distance(marks):
 
 @real
 def test_align_one_finds_the_face_and_normalises_scale():
-  from jaxface import faces
   outs = []
   ratios = []
   for f in (FAR, NEAR):
@@ -152,9 +151,9 @@ def test_bad_align_settings_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="align_padding"):
     folder.ImageFolderSource(tmp_path, image_size=(16, 16), channels=1, align="dlib",
                              align_padding=-1)
-  with pytest.raises(ValueError, match=r"--align='box': must be none or dlib"):
+  with pytest.raises(ValueError, match=r"^align='box': must be none or dlib"):
     TripletConfig(data="folder", data_path="x", align="box").validate()
-  with pytest.raises(ValueError, match=r"--align='dlib': needs --data=folder"):
+  with pytest.raises(ValueError, match=r"^align='dlib': needs a folder source"):
     TripletConfig(align="dlib").validate()
 
 

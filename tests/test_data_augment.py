@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxface.data import augment as aug
+from jaxface.data.augment import _affine_crop, _random_erase
 
 
 def _images(b=6, h=12, w=10, c=3, seed=0, lo=0.0, hi=1.0):
@@ -177,7 +178,6 @@ def _brute_affine(image, oy, ox, crop, s, theta):
 
 
 def test_affine_crop_matches_brute_force_bilinear_sampling():
-  from jaxface.data.augment import _affine_crop
   rng = np.random.default_rng(0)
   image = rng.random((12, 10, 2)).astype(np.float32)
   key = jax.random.key(3)
@@ -203,7 +203,6 @@ def test_scale_and_rotate_change_images_but_zero_strength_is_a_plain_crop():
 
 
 def test_random_erase_replaces_one_rectangle_and_prob_zero_or_one_behaves():
-  from jaxface.data.augment import _random_erase
   image = jnp.full((20, 16, 1), 0.5, jnp.float32)
   changed_fracs = []
   for i in range(20):

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from jaxface import paths
-from jaxface.data import folder
 from jaxface.data.folder import ImageFolderSource, conform_array
 from jaxface.data.source import split_by_identity
 

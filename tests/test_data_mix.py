@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxface.data import mix
-from jaxface.data import synthetic
+from jaxface.data import mix, synthetic
 from jaxface.data.source import ArraySource
 from jaxface.train import triplet
 from jaxface.train.config import TripletConfig

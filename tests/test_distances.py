@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxface.losses import pairwise_sq_distances
-from jaxface.losses import sq_distance
+from jaxface.losses import pairwise_sq_distances, sq_distance
 
 # float32 inputs of norm ~1-10: the matmul expansion |a|^2 + |b|^2 - 2ab loses
 # a few ulp of |a|^2 (~1e-6 absolute at |a|^2 ~ 10), hence atol 1e-5; rtol

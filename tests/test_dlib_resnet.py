@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxface import paths, pretrained
-from jaxface.formats import dlib as dlib_format
+from jaxface.formats import dlib as dlib_format, dlib_resnet as dlib_resnet_format
 from jaxface.models import dlib_resnet as dr
 
 # Small enough for a loop-based NumPy reference, yet it has every case: a 7x7
@@ -211,7 +211,7 @@ def converted():
     path = pretrained.model_file("resnet")
   except pretrained.PretrainedNotFoundError as e:
     pytest.skip(f"weights package not installed: {e}")
-  return dr.convert(path)
+  return dlib_resnet_format.convert(path)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_convert_refuses_a_different_network(converted, monkeypatch, break_it, m
   break_it(net.layers)
   monkeypatch.setattr(dlib_format, "read_network", lambda *a, **k: net)
   with pytest.raises(dlib_format.DlibFormatError, match=match) as e:
-    dr.convert(net.path)
+    dlib_resnet_format.convert(net.path)
   assert net.path in str(e.value) and "byte offset" in str(e.value)
 
 

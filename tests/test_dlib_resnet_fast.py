@@ -91,8 +91,9 @@ def test_infer_cache_shares_programs_and_matches_eager():
   assert dr._infer._cache_size() == before, "a repeated bucket recompiled"
   eager = np.asarray(nnx.merge(enc._infer_graphdef, enc._infer_state)(dr.preprocess(chips)))
   np.testing.assert_allclose(got, eager, atol=1e-5)
-  # the convenience call path gives the same numbers
-  np.testing.assert_allclose(np.asarray(dr._infer(enc._infer_graphdef, enc._infer_state, chips[:2])),
+  # the shared program, asked for by key, gives the same numbers
+  leaves, treedef = jax.tree.flatten(enc._infer_state)
+  np.testing.assert_allclose(np.asarray(dr._infer.get((enc._infer_graphdef, treedef))(leaves, chips[:2])),
                              got[:2], atol=1e-6)
 
 

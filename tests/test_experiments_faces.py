@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from experiments import faces as cli
-from jaxface import paths
-from jaxface.recognition import encoders
+from jaxface import paths, progress
+from jaxface.recognition import encoders, gallery, known_cache, open_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = paths.data_root()
@@ -128,7 +128,6 @@ def test_enroll_folder_uses_largest_face_and_strict_fails(fake):
   assert code == 1 and "ann1+bob2.jpg: 2 faces" in err and "Traceback" not in err
   assert not os.path.exists(t / "g" / "gallery.sqlite")  # nothing written on failure
   assert _run(["enroll", "group", str(ph / "ann1+bob2.jpg")], t)[0] == 0
-  from jaxface.recognition import gallery
   with gallery.Gallery(str(t / "g" / "gallery.sqlite")) as g:
     emb, _ = g.embeddings()
     src = g.sources()
@@ -243,7 +242,6 @@ def test_calibrate_folder_sets_thresholds(fake):
 
 
 def test_progress_comes_from_jaxface_progress():
-  from jaxface import progress
   assert cli.Progress is progress.Progress and not hasattr(cli.App, "Progress")
 
 
@@ -269,7 +267,6 @@ def test_bad_command_lines_fail_before_any_image_is_embedded(fake):
 
 
 def test_encoder_mismatch_and_unwritable_gallery_fail_before_embedding(fake, monkeypatch):
-  from jaxface.recognition import gallery
   t, ph = fake, fake / "photos"
   assert _run(["enroll", "ann", str(ph / "ann1.jpg")], t)[0] == 0
   people = t / "people"
@@ -304,7 +301,6 @@ def test_encoder_mismatch_and_unwritable_gallery_fail_before_embedding(fake, mon
 
 
 def test_reads_open_the_gallery_read_only_and_change_nothing(fake, monkeypatch):
-  from jaxface.recognition import gallery
   t, ph = fake, fake / "photos"
   assert _run(["enroll", "ann", str(ph / "ann1.jpg")], t)[0] == 0
   modes = []
@@ -469,7 +465,6 @@ def test_verify_says_when_it_picked_the_largest_face(fake):
 
 
 def test_identify_known_caches_embeddings(fake):
-  from jaxface.recognition import known_cache
   t, ph = fake, fake / "photos"
   known = t / "known"
   (known / "ann").mkdir(parents=True)
@@ -580,7 +575,6 @@ def _vec_faces(image, encoder, *, upsample=0):
 
 
 def test_calibrate_target_fpir_for_a_gallery_size(fake, monkeypatch):
-  from jaxface.recognition import gallery as gallery_lib, open_set
   monkeypatch.setattr(encoders, "encode_faces", _vec_faces)
   t = fake
   vecs = _crowd(t / "crowd", np.random.default_rng(0))
@@ -596,7 +590,7 @@ def test_calibrate_target_fpir_for_a_gallery_size(fake, monkeypatch):
   want, info = open_set.fpir_threshold(np.stack([vecs[p] for p in paths_]), labels, 5, 0.1, rounds=4)
   assert row["threshold"] == pytest.approx(want) and row["fpir"] <= 0.1 and row["score"] == "distance"
   assert row["nonmated_searches"] == info["num_nonmated"]
-  with gallery_lib.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
+  with gallery.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
     cal = g.calibration()
     assert g.threshold() == pytest.approx(want) and cal["method"] == "fpir" and cal["gallery_size"] == 5
   # Decisions use it, and a gallery grown past the calibrated size is warned about.
@@ -619,12 +613,11 @@ def test_calibrate_target_fpir_for_a_gallery_size(fake, monkeypatch):
   code, _, err = _run(["calibrate"], t, folder=str(t / "crowd"), target_fpir=1e-4, gallery_size=5, rounds=1,
                       score="distance")
   assert code == 1 and "--target_fpir=0.0001" in err
-  with gallery_lib.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
+  with gallery.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
     assert g.threshold() == pytest.approx(want)
 
 
 def test_calibrate_snorm_keeps_a_cohort_and_decides_on_scores(fake, monkeypatch):
-  from jaxface.recognition import gallery as gallery_lib
   monkeypatch.setattr(encoders, "encode_faces", _vec_faces)
   t = fake
   vecs = _crowd(t / "crowd", np.random.default_rng(1))
@@ -636,7 +629,7 @@ def test_calibrate_snorm_keeps_a_cohort_and_decides_on_scores(fake, monkeypatch)
                         rounds=3, format="json")  # --score defaults to snorm with --target_fpir
   assert code == 0, err
   row = json.loads(out)[0]
-  with gallery_lib.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
+  with gallery.Gallery(str(t / "g" / "gallery.sqlite"), readonly=True) as g:
     cohort, thr = g.cohort().astype(np.float64), g.threshold()
     sources = {os.path.basename(os.path.dirname(s["path"])) for s in g.cohort_sources()}
     emb_g, ids_g = g.embeddings()

@@ -77,6 +77,7 @@ def test_bad_input_is_a_clear_error_before_compute(tmp_path):
 
 def test_no_flags_equals_the_default_flagfile_and_passes_the_input_checks():
   from absl import flags as absl_flags
+
   from experiments import flagutil
   from jaxface.style import transfer
   from jaxface.style.config import NSTConfig
@@ -95,6 +96,7 @@ def test_library_default_printer_keeps_stdout_clean(tmp_path, capsys, monkeypatc
   monkeypatch.delenv("JAXFACE_VGG19", raising=False)
   monkeypatch.setenv("JAXFACE_CACHE", str(tmp_path / "cache"))
   from absl import flags as absl_flags
+
   from experiments import flagutil
   from jaxface.style import transfer
   from jaxface.style.config import NSTConfig

@@ -91,13 +91,13 @@ def test_lfw_style_folder_trains_with_drop_small_and_says_what_was_left_out(tmp_
   # With it: 5 identities (5 images) left out, 9 remain: 5 train + 4 held out.
   r = _run("triplet_demo_tiny.flags", tmp_path / "w", *data, "--drop_small")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert ("left out 5 of 14 identities (5 of 32 images) with fewer than --K=3 images; "
+  assert ("drop_small: left out 5 of 14 identities (5 of 32 images) with fewer than K=3 images; "
           "9 identities (27 images) remain") in r.stderr
   assert "15 train images of 5 identities, 12 held-out images of 4 identities" in r.stderr
   # Progress went to stderr; stdout holds only the result files.
   assert r.stdout.split() == [str(tmp_path / "w" / "metrics.json"), str(tmp_path / "w" / "roc.png")]
   assert json.load(open(tmp_path / "w" / "metrics.json"))["eval/num_identities"] == 4
-  assert json.load(open(tmp_path / "w" / "config.json"))["drop_small"] is True
+  assert json.load(open(tmp_path / "w" / "config.json"))["data"]["drop_small"] is True
 
 
 def test_drop_small_with_too_few_identities_left_is_a_clear_error(tmp_path):
@@ -105,8 +105,8 @@ def test_drop_small_with_too_few_identities_left_is_a_clear_error(tmp_path):
   r = _run("triplet_demo_tiny.flags", tmp_path / "w", "--data=folder", f"--data_path={root}",
            "--drop_small")
   assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert ("--drop_small: only 6 of 11 identities have at least --K=3 images; training needs "
-          "--P=4 identities plus --num_holdout=4 held out (8)") in r.stderr
+  assert ("error: --drop_small=True: only 6 of 11 identities have at least K=3 images; training needs "
+          "P=4 identities plus num_holdout=4 held out (8)") in r.stderr
   assert not (tmp_path / "w").exists()
 
 
@@ -124,7 +124,7 @@ def test_signal_and_volume_tiny_configs_train_and_evaluate(tmp_path, flagfile, d
   assert m["eval/num_identities"] == 4
   assert 0.0 <= m["eval/accuracy"] <= 1.0 and 0.0 <= m["eval/auc"] <= 1.0
   cfg = json.load(open(tmp_path / "config.json"))
-  assert cfg["spatial_rank"] == (1 if "signals" in flagfile else 3)
+  assert cfg["data"]["spatial_rank"] == (1 if "signals" in flagfile else 3)
 
 
 def test_signals_refuse_time_reversal_before_any_compute(tmp_path):

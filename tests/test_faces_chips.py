@@ -1,4 +1,4 @@
-"""Tests for jaxface.faces.chips: golden parity with dlib's get_face_chip, a slow reference, edges.
+"""Tests for jaxface.faces._chips (faces.chips): golden parity with dlib's get_face_chip, a slow reference, edges.
 
 The ``skimage_astronaut`` golden entry has no image in the data folder; it is
 checked only when scikit-image is installed.
@@ -6,15 +6,11 @@ checked only when scikit-image is installed.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxface.faces import chips as C
-
-
-
+from jaxface.faces import _chips as C
 
 # --------------------------------------------------------------------------- slow reference
 

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxface import paths
-from jaxface.faces import detector as D
-from jaxface.faces import nms
+from jaxface.faces import detector as D, nms
+from jaxface.formats import dlib_mmod
 
 GOLDEN = os.path.join(paths.data_root(), "dlib_golden")
 MULTI = os.path.join(paths.data_root(), "faces_multi", "face_recognition_examples")
@@ -29,7 +29,7 @@ def _mmod_path() -> str:
 
 @pytest.fixture(scope="module")
 def det() -> D.FaceDetector:
-  return D.FaceDetector.from_converted(D.convert(_mmod_path()))
+  return D.FaceDetector.from_converted(dlib_mmod.convert(_mmod_path()))
 
 
 def _load(path: str) -> np.ndarray:
@@ -217,10 +217,12 @@ def _resize_ref(src, out_rows, out_cols):
   out = np.zeros((out_rows, out_cols, src.shape[2]))
   for r in range(out_rows):
     y = r * ys
-    t = int(math.floor(y)); b = min(t + 1, h - 1); ty = y - t
+    t = int(math.floor(y))
+    b, ty = min(t + 1, h - 1), y - t
     for c in range(out_cols):
       x = c * xs
-      l = int(math.floor(x)); rr = min(l + 1, w - 1); tx = x - l
+      l = int(math.floor(x))
+      rr, tx = min(l + 1, w - 1), x - l
       out[r, c] = ((1 - ty) * ((1 - tx) * src[t, l] + tx * src[t, rr])
                    + ty * ((1 - tx) * src[b, l] + tx * src[b, rr]))
   return out
@@ -364,7 +366,7 @@ def test_receptive_field_centre_is_8p_plus_14():
 def test_convert_folds_batch_norm():
   from jaxface.formats.dlib import read_network
   path = _mmod_path()
-  tree = D.convert(path)
+  tree = dlib_mmod.convert(path)
   net = read_network(path)
   bn = net.layers[1].params
   scale = bn["gamma"] / np.sqrt(bn["running_var"] + 1e-4)
@@ -386,7 +388,7 @@ def test_convert_rejects_other_dlib_networks():
   except pretrained.PretrainedNotFoundError as e:
     pytest.skip(str(e))
   with pytest.raises(DlibFormatError, match="loss_mmod_"):
-    D.convert(path)
+    dlib_mmod.convert(path)
 
 
 @pytest.mark.parametrize("name", ["dlib_2008_001322.jpg", "dlib_2008_001009.jpg"])
@@ -478,8 +480,8 @@ def test_load_face_detector_caches_the_conversion(tmp_path, monkeypatch):
   _mmod_path()
   monkeypatch.setenv("JAXFACE_CACHE", str(tmp_path))
   calls = []
-  real = D.convert
-  monkeypatch.setattr(D, "convert", lambda p: calls.append(p) or real(p))
+  real = dlib_mmod.convert
+  monkeypatch.setattr(dlib_mmod, "convert", lambda p: calls.append(p) or real(p))
   first = D.load_face_detector()
   second = D.load_face_detector()
   assert len(calls) == 1 and any(n.startswith("mmod-") for n in os.listdir(tmp_path))

@@ -1,4 +1,4 @@
-"""Tests for jaxface.faces.landmarks: golden parity with dlib, a slow reference, edge cases.
+"""Tests for jaxface.faces._landmarks (faces.landmarks): golden parity with dlib, a slow reference, edge cases.
 
 Golden data: ``data_root()/dlib_golden`` (dlib 20.0.1 outputs). The entry
 ``skimage_astronaut`` has no image in that folder; it is checked only when
@@ -7,14 +7,11 @@ scikit-image is installed (``skimage.data.astronaut()``), otherwise skipped.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from jaxface import pretrained
-from jaxface.faces import landmarks as L
-
-
+from jaxface.faces import _landmarks as L
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -9,14 +9,12 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from jaxface import images
 from jaxface.images import ImageError, ImageTooLargeError, load_image
-
 
 # --------------------------------------------------------------------------
 # Slow, obviously-correct references

@@ -15,7 +15,6 @@ from PIL import Image
 
 from jaxface import metrics as m
 
-
 # --------------------------------------------------------------------------
 # Brute-force references (deliberately loop-based and naive)
 # --------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_two_processes_train_resume_and_hold_identical_parameters(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   res = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
   assert [r["process"] for r in res] == [0, 1]

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxface import paths, pretrained
+from jaxface import paths, pretrained, weight_cache
 from jaxface.formats import dlib as dlib_format
 
 
@@ -200,6 +200,19 @@ def test_failed_conversion_leaves_no_entry(fake_models):
   assert not os.path.exists(paths.cache_dir()) or os.listdir(paths.cache_dir()) == []
 
 
+def test_converted_uses_each_files_reader_and_its_version(fake_models, monkeypatch):
+  from jaxface.formats import dlib_mmod
+  calls = []
+  monkeypatch.setattr(dlib_mmod, "convert", lambda p: calls.append(p) or {"v": np.ones(2, np.float32)})
+  assert set(pretrained.CONVERTERS) == set(pretrained.MODEL_FILES)
+  np.testing.assert_array_equal(pretrained.converted("mmod")["v"], [1, 1])
+  np.testing.assert_array_equal(pretrained.converted("mmod")["v"], [1, 1])
+  assert calls == [str(fake_models / pretrained.MODEL_FILES["mmod"])]
+  assert os.path.isdir(pretrained.cache_entry("mmod", dlib_mmod.CONVERTER_VERSION))
+  with pytest.raises(ValueError, match="name must be one of"):
+    pretrained.converted("shape68")
+
+
 def test_unsupported_leaves_are_refused(fake_models):
   with pytest.raises(ValueError, match="unsupported leaf set at /a"):
     pretrained.cached("mmod", "1", lambda p: {"a": {1, 2}})
@@ -217,7 +230,7 @@ def test_face_encoder_converts_once_then_restores_without_parsing(monkeypatch, t
   except pretrained.PretrainedNotFoundError as e:
     pytest.skip(f"weights package not installed: {e}")
   monkeypatch.setenv("JAXFACE_CACHE", str(tmp_path / "cache"))
-  from jaxface.models import dlib_resnet
+  from jaxface.formats import dlib_resnet as dlib_resnet_format
   parses = []
   real_read = dlib_format.read_network
 
@@ -228,7 +241,7 @@ def test_face_encoder_converts_once_then_restores_without_parsing(monkeypatch, t
   monkeypatch.setattr(dlib_format, "read_network", counting_read)
   enc1 = pretrained.face_encoder()
   assert len(parses) == 1
-  entry = pretrained.cache_entry("resnet", dlib_resnet.CONVERTER_VERSION)
+  entry = pretrained.cache_entry("resnet", dlib_resnet_format.CONVERTER_VERSION)
   assert os.path.isfile(os.path.join(entry, "meta.json"))
 
   def no_parse(*a, **k):
@@ -282,7 +295,7 @@ def test_two_processes_converting_at_once_leave_one_valid_entry(fake_models, tmp
 
 
 def test_first_conversion_says_once_on_stderr_where_the_cache_is(fake_models, capsys, monkeypatch):
-  monkeypatch.setattr(pretrained, "_announced", False)
+  monkeypatch.setattr(weight_cache, "_announced", False)
   pretrained.cached("mmod", "1", lambda p: {"v": np.ones(2, np.float32)})
   pretrained.cached("shape5", "1", lambda p: {"v": np.ones(3, np.float32)})
   out, err = capsys.readouterr()
@@ -290,27 +303,28 @@ def test_first_conversion_says_once_on_stderr_where_the_cache_is(fake_models, ca
   assert err.count("converting dlib's face models") == 1, err
   assert paths.cache_dir() in err and "$JAXFACE_CACHE" in err and "~/.cache/jaxface" in err
   # Restoring from the cache (a later run) says nothing.
-  monkeypatch.setattr(pretrained, "_announced", False)
+  monkeypatch.setattr(weight_cache, "_announced", False)
   pretrained.cached("mmod", "1", lambda p: pytest.fail("converted again"))
   assert capsys.readouterr().err == ""
 
 
 _SLOW_WRITER = (
     "import sys, time, numpy as np\n"
-    "from jaxface import pretrained\n"
+    "from jaxface import pretrained, weight_cache\n"
     "pretrained._models_dir = lambda: sys.argv[1]\n"
-    "real = pretrained._write_entry\n"
+    "real = weight_cache._write_tree\n"
     "def slow(folder, tree, meta):\n"
     "  real(folder, tree, meta)\n"
     "  print('writing', folder, flush=True)\n"
     "  time.sleep(60)\n"
-    "pretrained._write_entry = slow\n"
+    "weight_cache._write_tree = slow\n"
     "pretrained.cached('resnet', '1', lambda p: {'w': np.arange(10, dtype=np.float32)})\n")
 
 
 def _start_slow_conversion(fake_models):
   import subprocess
   import sys
+
   import jaxface
   root = os.path.dirname(os.path.dirname(os.path.abspath(jaxface.__file__)))
   env = {**os.environ, "JAXFACE_CACHE": paths.cache_dir(), "JAX_PLATFORMS": "cpu",
@@ -355,13 +369,13 @@ def test_sigterm_during_conversion_removes_its_temp_folder(fake_models):
 
 
 def test_exception_or_interrupt_while_writing_removes_the_temp_folder(fake_models, monkeypatch):
-  real = pretrained._write_entry
+  real = weight_cache._write_tree
 
   def interrupted(folder, tree, meta):
     real(folder, tree, meta)
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(pretrained, "_write_entry", interrupted)
+  monkeypatch.setattr(weight_cache, "_write_tree", interrupted)
   with pytest.raises(KeyboardInterrupt):
     pretrained.cached("mmod", "1", lambda p: {"v": np.ones(2, np.float32)})
   assert os.listdir(paths.cache_dir()) == []
@@ -371,6 +385,7 @@ def test_only_stale_temp_folders_are_removed(fake_models):
   import subprocess
   import sys
   import time
+
   from jaxface import staging
   entry = pretrained.cache_entry("mmod", "1")
   prefix = os.path.join(paths.cache_dir(), f".{os.path.basename(entry)}.tmp-{staging._host()}-")

@@ -92,8 +92,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_encoder_matches_direct_embedding(tiny_checkpoint):
-  from PIL import Image
   from flax import nnx
+  from PIL import Image
+
   from jaxface.train import triplet
   workdir, cfg = tiny_checkpoint
   enc = encoders.CheckpointEmbedder(workdir)
@@ -125,6 +126,7 @@ def test_checkpoint_encoder_matches_direct_embedding(tiny_checkpoint):
 
 def test_checkpoint_fingerprint_survives_copy_and_move(tiny_checkpoint, tmp_path):
   import shutil
+
   from jaxface.recognition import gallery
   workdir, _ = tiny_checkpoint
   copy = str(tmp_path / "copied_run")
@@ -142,6 +144,7 @@ def test_checkpoint_fingerprint_survives_copy_and_move(tiny_checkpoint, tmp_path
 
 def test_checkpoint_fingerprint_tracks_architecture_and_preprocessing():
   import dataclasses
+
   from jaxface.train.config import TripletConfig
   cfg = TripletConfig(data="synthetic", image_size=(32, 32), crop_size=(28, 28), channels=1,
                       stem_width=8, widths=(8, 16), depths=(1, 1), embedding_dim=16)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import recognition_eval as ev
+from jaxface.recognition import open_set
 
 # Identity -> number of images; vectors: a direction per person plus a small per-image offset.
 PEOPLE = {"Ann": 3, "Bob": 2, "Cy": 2, "Dee": 1, "Eve": 1, "Fay": 3, "Gus": 2, "Hal": 1, "Ivy": 1,
@@ -115,7 +116,6 @@ def _gauss_people(seed=0, people=60, dim=8):
 
 
 def test_one_shot_identification_matches_open_set_and_loops():
-  from jaxface.recognition import open_set
   emb, labels = _gauss_people()
   lines = []
   out = ev.one_shot_identification(emb, labels, sizes=(5, 20), rounds=(4, 2), fpirs=(0.1, 0.001),

@@ -300,7 +300,7 @@ def test_set_thresholds_replaces_all_thresholds_in_one_transaction(tmp_path):
   fp = {"model": "test", "weights_sha256": "0" * 16, "preprocessing": "none"}
   rng = np.random.default_rng(0)
   with Gallery(str(tmp_path / "g.sqlite"), fp) as gal:
-    a = gal.enroll("alice", rng.normal(size=(2, 128)).astype(np.float32))
+    gal.enroll("alice", rng.normal(size=(2, 128)).astype(np.float32))
     b = gal.enroll("bob", rng.normal(size=(2, 128)).astype(np.float32))
     gal.set_threshold(0.5)
     gal.set_threshold(0.4, identity="alice")

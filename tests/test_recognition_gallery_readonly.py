@@ -76,7 +76,7 @@ def _build(path):
     return _summary(g)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chattr_works() -> bool:
   """Whether ``chattr +i`` really makes a folder unwritable here (as root)."""
   if not IS_ROOT or shutil.which("chattr") is None:
@@ -120,12 +120,12 @@ _CHILD = textwrap.dedent("""
     module._emb(1)  # numpy.random loads lazily, from where nobody may not read
     # Everything needed is loaded: now become nobody.
     os.setgroups([])
-    os.setgid(%d)
-    os.setuid(%d)
-    assert os.geteuid() == %d and os.getegid() == %d
+    os.setgid({nobody})
+    os.setuid({nobody})
+    assert os.geteuid() == {nobody} and os.getegid() == {nobody}
     getattr(module, sys.argv[2])(*json.loads(sys.argv[3]))
     print("checked as nobody", flush=True)
-""" % ((NOBODY,) * 4))
+""").format(nobody=NOBODY)
 
 
 def _in_child_as_nobody(fn, *args):

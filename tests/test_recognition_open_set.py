@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxface.recognition import open_set, score_norm
+from jaxface import score_norm
+from jaxface.recognition import open_set
 
 
 def _ref_threshold(scores, fpir):

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 
+import _forced_devices  # tests/: the forced-devices subprocess runner
 import numpy as np
 import pytest
-
-import _forced_devices  # tests/: the forced-devices subprocess runner
 
 DEVICES = 4
 RECALL_TARGET = 0.95
@@ -55,8 +54,9 @@ def _recall_data():
 def _worker(out_path):
   """Runs with 4 host devices: every sharded result into one npz."""
   import jax
-  from jaxface.recognition import search
-  from jaxface.recognition import sharded_search
+
+  from jaxface.parallel import mesh as mesh_lib
+  from jaxface.recognition import search, sharded_search
   assert len(jax.devices()) == DEVICES, jax.devices()
   out, info = {}, {}
   for name, m, dim, chunk, k, shards in CASES:
@@ -75,7 +75,7 @@ def _worker(out_path):
   info["retraced"] = search.trace_count - count
   block = np.concatenate([q[:8]])
   jit_i, jit_d = sharded_search.sharded_kernel(
-      jax.device_put(block, sharded_search.replicated(index.mesh)), index._chunks,  # noqa: SLF001
+      jax.device_put(block, mesh_lib.replicated(index.mesh)), index._chunks,  # noqa: SLF001
       index._sq_norms, k=3, approx=False, recall_target=0.95, shard_rows=index._shard_rows,  # noqa: SLF001
       mesh=index.mesh)
   with jax.disable_jit():
@@ -170,6 +170,7 @@ def test_bad_devices_and_approx_arguments():
 
 def test_single_device_approx_option_matches_exact():
   import jax
+
   from jaxface.recognition import search
   if jax.devices()[0].platform == "tpu":
     pytest.skip("on TPU approx_max_k is approximate by design")

@@ -12,10 +12,9 @@ import json
 import os
 import sys
 
+import _forced_devices  # tests/: the forced-devices subprocess runner
 import numpy as np
 import pytest
-
-import _forced_devices  # tests/: the forced-devices subprocess runner
 
 DEVICES = 4
 STEPS = 5
@@ -33,8 +32,8 @@ def _cfg(**kw):
 
 def _worker(out_path):
   import jax
-  from jaxface.style import sharding
-  from jaxface.style import transfer
+
+  from jaxface.style import sharding, transfer
   assert len(jax.devices()) == DEVICES, jax.devices()
   out, info = {}, {}
   cfg = _cfg()
@@ -135,7 +134,7 @@ def test_uneven_batch_and_missing_devices_fail_before_any_compute(sharded):
   _, info = sharded
   err = info["errors"]
   assert "batch of 3 content image(s) does not split evenly over 4 devices" in err["uneven"]
-  assert "only 4 cpu device(s)" in err["too_many"]
+  assert "num_devices=8 but only 4 devices are visible (cpu)" in err["too_many"]
   assert not err["uneven_wrote"] and not err["too_many_wrote"]
 
 
@@ -145,7 +144,7 @@ def test_one_device_needs_no_mesh_and_config_checks_num_devices():
   assert sharding.make_mesh(0, 5) is None          # this process has one CPU device
   with pytest.raises(ValueError, match="num_devices"):
     sharding.make_mesh(-1, 4)
-  with pytest.raises(ValueError, match="--num_devices=-1"):
+  with pytest.raises(ValueError, match="num_devices=-1"):
     _cfg(num_devices=-1).validate()
   state = {"image": np.zeros(2)}
   assert sharding.place_state(state, None) is state

@@ -12,8 +12,7 @@ from PIL import Image
 
 from jaxface import checkpointing
 from jaxface.models import vgg19
-from jaxface.style import images as images_lib
-from jaxface.style import transfer
+from jaxface.style import images as images_lib, transfer
 from jaxface.style.config import NSTConfig
 
 # Shallow layers and tiny images: each compile takes a second or two.
@@ -249,7 +248,7 @@ def test_bad_inputs_fail_before_compute(tmp_path):
                     (dict(style_layer_weights="1"), "one weight per style layer"),
                     (dict(style_blend="1,2"), "one weight per style image"),
                     (dict(optimizer="sgd"), "optimizer"), (dict(steps=(1, 2, 3)), "steps"),
-                    (dict(conv_impl="fft"), "--conv_impl='fft': must be one of auto, xla, winograd")]:
+                    (dict(conv_impl="fft"), "conv_impl='fft': must be one of auto, xla, winograd")]:
     with pytest.raises(ValueError, match=match):
       transfer.prepare(dataclasses.replace(TINY, **kw))
 

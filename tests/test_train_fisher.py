@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from jaxface import metrics as metrics_lib
-from jaxface.train import fisher
-from jaxface.train import triplet
-from jaxface.train.config import TripletConfig
-
+from jaxface.train import fisher, triplet
+from jaxface.train.evaluators.verification import VerificationEvaluator
 from tests.test_train_triplet import TINY
 
 
@@ -94,12 +92,12 @@ def test_fisher_weight_in_the_trainer_evaluation_matches_a_manual_fusion():
   cfg = dataclasses.replace(TINY, fisher_weight=0.7, fisher_pca=20).validate()
   train_src, holdout, _ = triplet.prepare_data(cfg)
   emb = np.random.default_rng(3).normal(size=(len(holdout), 16)).astype(np.float32)
-  got = triplet.evaluate_embeddings(emb, holdout, cfg, 0, None)
+  got = VerificationEvaluator(None, holdout, cfg.eval, seed=cfg.seed, train=train_src).metrics(emb)
   fused = fisher.fuse(emb, train_src.get(np.arange(len(train_src))), train_src.labels,
                       holdout.get(np.arange(len(holdout))), weight=0.7, num_pca=20)
   want, _ = metrics_lib.evaluate_embeddings(fused, holdout.labels, seed=cfg.seed)
-  plain = triplet.evaluate_embeddings(emb, holdout, dataclasses.replace(cfg, fisher_weight=0.0),
-                                      0, None)
+  plain = VerificationEvaluator(None, holdout, dataclasses.replace(cfg, fisher_weight=0.0).eval,
+                                seed=cfg.seed).metrics(emb)
   assert got["eval/accuracy"] == pytest.approx(want["eval/accuracy"])
   assert got["eval/auc"] == pytest.approx(want["eval/auc"])
   assert got["eval/auc"] != pytest.approx(plain["eval/auc"])  # the hook did change the distances

@@ -7,10 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxface.train import heads
-from jaxface.train import triplet
+from jaxface.train import heads, triplet
 from jaxface.train.config import TripletConfig
-
 from tests.test_train_triplet import TINY, _batch
 
 

@@ -1,4 +1,4 @@
-"""Tests for jaxface.train.triplet: the pure step, resume, health checks, run()."""
+"""Tests for jaxface.train.triplet, the trainer: run(), resume, health checks, reload."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxface import checkpointing
-from jaxface.train import triplet
+from jaxface.train import step as step_lib, triplet
 from jaxface.train.config import TripletConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,53 +45,9 @@ def _batch(cfg, seed=0):
           "labels": np.repeat(np.arange(cfg.P, dtype=np.int32), cfg.K)}
 
 
-def test_train_step_compiles_once_lowers_loss_and_donates_state():
-  graphdef, tx, state = triplet.init_state(TINY)
-  step = triplet.make_train_step(graphdef, tx, TINY)
-  batch = _batch(TINY)
-  old_leaf = jax.tree.leaves(state["params"])[0]
-  losses = []
-  for _ in range(12):
-    state, m = step(state, batch)
-    losses.append(float(m["train/loss"]))
-  assert old_leaf.is_deleted()  # donated
-  assert step._cache_size() == 1  # one compile for all steps
-  assert int(state["step"]) == 12 and int(state["bad_step"]) == -1
-  assert np.mean(losses[-3:]) < np.mean(losses[:3])
-  assert 0.0 <= float(m["train/active_fraction"]) <= 1.0
-
-
-def test_non_finite_step_keeps_previous_state_and_records_the_step():
-  graphdef, tx, state = triplet.init_state(TINY)
-  step = triplet.make_train_step(graphdef, tx, TINY)
-  state, _ = step(state, _batch(TINY))
-  poisoned = jax.tree.map(lambda x: x, state)
-  head = poisoned["params"]["head"]["kernel"]
-  head[...] = head[...].at[0, 0].set(jnp.nan)
-  before = jax.tree.map(np.asarray, poisoned["params"])
-  after, m = step(poisoned, _batch(TINY))
-  assert int(after["bad_step"]) == 1 and int(after["step"]) == 2
-  _assert_trees_equal(jax.tree.map(np.asarray, after["params"]), before)
-  with pytest.raises(triplet.TrainingError, match="non-finite loss or gradient at step 1"):
-    triplet._check_health(after, {"train/embedding_spread": 1.0}, 2)
-
-
-def test_collapsed_embeddings_stop_training():
-  graphdef, tx, state = triplet.init_state(TINY)
-  for name in ("kernel", "bias"):
-    v = state["params"]["head"][name]
-    v[...] = jnp.zeros_like(v[...])
-  step = triplet.make_train_step(graphdef, tx, TINY)
-  state, m = step(state, _batch(TINY))
-  host = {k: float(v) for k, v in m.items()}
-  assert host["train/embedding_spread"] < 1e-6
-  with pytest.raises(triplet.TrainingError, match="collapsed"):
-    triplet._check_health(state, host, 1)
-
-
 def test_run_stops_at_once_on_nan_loss_and_saves_nothing_after(tmp_path, monkeypatch):
-  real = triplet.triplet_loss
-  monkeypatch.setattr(triplet, "triplet_loss",
+  real = step_lib.triplet_loss
+  monkeypatch.setattr(step_lib, "triplet_loss",
                       lambda e, l, **kw: (real(e, l, **kw)[0] * jnp.nan, real(e, l, **kw)[1]))
   with pytest.raises(triplet.TrainingError, match="non-finite loss or gradient at step 0"):
     triplet.run(TINY, str(tmp_path), printer=lambda s: None)
@@ -183,49 +139,35 @@ def test_fewer_than_two_identities_is_an_error(tmp_path):
   from PIL import Image
   for i in range(4):
     Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
-  cfg = TripletConfig(**{**TINY.to_dict(), "data": "folder", "data_path": str(tmp_path / "data")})
+  cfg = TINY.replace(data="folder", data_path=str(tmp_path / "data"))
   with pytest.raises(ValueError, match="identit"):
     triplet.run(cfg, str(tmp_path / "w"), printer=lambda s: None)
 
 
-def test_eval_flip_embeds_an_image_and_its_mirror_identically():
-  graphdef, _, state = triplet.init_state(TINY)
-  images = _batch(TINY)["images"]
-  mirror = images[:, :, ::-1, :].copy()
-  with_flip = triplet.make_embed_fn(graphdef, TINY)
-  cfg_plain = TripletConfig(**{**TINY.to_dict(), "eval_flip": False})
-  plain = triplet.make_embed_fn(graphdef, cfg_plain)
-  a = np.asarray(with_flip(state["params"], state["rest"], images))
-  b = np.asarray(with_flip(state["params"], state["rest"], mirror))
-  np.testing.assert_allclose(a, b, atol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(a, axis=-1), 1.0, atol=1e-5)
-  p1 = np.asarray(plain(state["params"], state["rest"], images))
-  p2 = np.asarray(plain(state["params"], state["rest"], mirror))
-  assert not np.allclose(p1, p2, atol=1e-4)
-
-
 def test_run_reads_a_tfds_dataset_through_data_source(tmp_path):
   import tensorflow_datasets as tfds
-  cfg = TripletConfig(**{**TINY.to_dict(), "data": "tfds", "tfds_name": "mnist",
-                         "channels": 1, "image_size": (28, 28), "crop_size": (24, 24),
-                         "num_steps": 2, "num_holdout": 3, "P": 3, "K": 2})
+  cfg = TINY.replace(data="tfds", tfds_name="mnist", channels=1, image_size=(28, 28), crop_size=(24, 24),
+                     num_steps=2, num_holdout=3, P=3, K=2)
   with tfds.testing.mock_data(num_examples=120, policy=tfds.testing.MockPolicy.USE_CODE):
     res = triplet.run(cfg, str(tmp_path), printer=lambda s: None)
   assert res["eval/num_identities"] == 3.0
   assert 0.0 <= res["eval/accuracy"] <= 1.0
 
 
-def test_ema_follows_the_polyak_recurrence_and_is_what_evaluation_uses():
-  cfg = TripletConfig(**{**TINY.to_dict(), "ema_decay": 0.5})
-  graphdef, tx, state = triplet.init_state(cfg)
-  step = triplet.make_train_step(graphdef, tx, cfg)
-  expected = jax.tree.map(np.asarray, state["params"])
-  for i in range(3):
-    state, _ = step(state, _batch(cfg, seed=i))
-    live = jax.tree.map(np.asarray, state["params"])
-    expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expected, live)
-  ema = jax.tree.map(np.asarray, state["ema"])
-  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert triplet.eval_params(state) is state["ema"]
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(live)))
+def test_a_checkpoint_with_the_old_flat_config_resumes_bitwise_and_reloads(tmp_path):
+  # Runs saved before the config had groups stored it flat (one key per flag).
+  old = str(tmp_path / "old")
+  _, _, state = step_lib.init_state(TINY)
+  with checkpointing.Checkpointer(old, async_save=False) as ck:
+    ck.save(0, state, {**TINY.to_flat(), "model_extras": triplet.model_extras(TINY, 0)}, force=True)
+  model, cfg = triplet.load_params(old)
+  assert cfg == TINY
+  lines = []
+  triplet.run(TINY, old, printer=lines.append)
+  assert any(line.startswith("resumed from") for line in lines)
+  triplet.run(TINY, str(tmp_path / "new"), printer=lambda s: None)
+  _assert_trees_equal(_params(old)[0], _params(str(tmp_path / "new"))[0])
+  with pytest.raises(checkpointing.CheckpointError, match="margin: saved 0.2 vs now 0.5"):
+    with checkpointing.Checkpointer(str(tmp_path / "old2"), async_save=False) as ck:
+      ck.save(0, state, {**TINY.to_flat(), "model_extras": triplet.model_extras(TINY, 0)}, force=True)
+    triplet.run(TINY.replace(margin=0.5), str(tmp_path / "old2"), printer=lambda s: None)

@@ -35,11 +35,11 @@ DLIB_TINY = TripletConfig(
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"crop_size": (96, 104), "image_size": (108, 108)}, "--crop_size=.*at least 103"),
-    ({"embedding_dim": 64}, "--embedding_dim=64: --init=dlib keeps"),
-    ({"standardize": True}, "--standardize=True"),
+    ({"crop_size": (96, 104), "image_size": (108, 108)}, "^crop_size=.*at least 103"),
+    ({"embedding_dim": 64}, "^embedding_dim=64: init='dlib' keeps"),
+    ({"standardize": True}, "^standardize=True"),
     ({"spatial_rank": 1, "image_size": (128,), "crop_size": (112,), "flip": False,
-      "eval_flip": False}, "--init='dlib': dlib's ResNet embeds 2-D"),
+      "eval_flip": False}, "^init='dlib': dlib's ResNet embeds 2-D"),
 ])
 def test_dlib_init_refuses_impossible_settings(change, match):
   with pytest.raises(ValueError, match=match):

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxface.train import heads
-from jaxface.train import triplet
+from jaxface.train import heads, triplet
 from jaxface.train.config import TripletConfig
-
+from jaxface.train.evaluators.verification import VerificationEvaluator
 from tests.test_train_triplet import TINY, _batch
 
 
@@ -114,11 +113,11 @@ def test_standardize_makes_the_embedding_ignore_brightness_and_contrast():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("cls_weight", -1.0, "--cls_weight"), ("cls_margin", 1.0, "--cls_margin"),
-    ("cls_scale", 0.0, "--cls_scale"), ("num_steps", -1, "--num_steps"),
-    ("init", "imagenet", "--init='imagenet'"),
+    ("cls_weight", -1.0, "^cls_weight=-1.0"), ("cls_margin", 1.0, "^cls_margin=1.0"),
+    ("cls_scale", 0.0, "^cls_scale=0.0"), ("num_steps", -1, "^num_steps=-1"),
+    ("init", "imagenet", "^init='imagenet'"),
 ])
-def test_bad_head_settings_name_the_flag(field, value, match):
+def test_bad_head_settings_name_the_parameter(field, value, match):
   with pytest.raises(ValueError, match=match):
     TripletConfig(**{**TINY.to_dict(), field: value}).validate()
 
@@ -140,7 +139,7 @@ def test_eval_crops_average_the_centre_and_corner_views():
   np.testing.assert_allclose(got, ref, atol=1e-5)
   centre_only = triplet.make_embed_fn(graphdef, TripletConfig(**{**cfg.to_dict(), "eval_crops": 1}))
   assert not np.allclose(np.asarray(centre_only(state["params"], state["rest"], images)), got, atol=1e-4)
-  with pytest.raises(ValueError, match="--eval_crops=3"):
+  with pytest.raises(ValueError, match="^eval_crops=3"):
     TripletConfig(**{**TINY.to_dict(), "eval_crops": 3}).validate()
 
 
@@ -167,7 +166,7 @@ def test_ensemble_trains_members_and_evaluates_their_concatenation(tmp_path):
     parts.append(triplet.embed_source(triplet.make_embed_fn(graphdef, mcfg), params, rest, holdout, 16))
   emb = np.concatenate(parts, axis=1) / np.sqrt(2)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-  ref = triplet.evaluate_embeddings(emb, holdout, cfg, 2, None)
+  ref = VerificationEvaluator(None, holdout, cfg.eval, seed=cfg.seed).metrics(emb)
   assert res["eval/accuracy"] == pytest.approx(ref["eval/accuracy"])
   assert res["eval/auc"] == pytest.approx(ref["eval/auc"], abs=1e-6)
   assert "eval/member_accuracy_mean" in res

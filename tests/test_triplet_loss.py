@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxface.losses import STRATEGIES
-from jaxface.losses import triplet_loss
+from jaxface.losses import STRATEGIES, triplet_loss
 
 # Values: float32 distances of unit-norm embeddings carry ~1e-7 absolute
 # error (|x|^2 = 1), and the loss is a mean of such terms, so 1e-5 leaves two

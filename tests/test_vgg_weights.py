@@ -17,6 +17,11 @@ import pytest
 import scipy.io
 
 from jaxface.formats import vgg_weights as vw
+from jaxface.models import vgg19
+
+# The network's conv names and their names in Keras files (the readers map one to the other).
+CONVS = vgg19.CONVS
+KERAS_NAMES = CONVS.keras_names()
 
 # Tiny channel chain with the real structure (3 -> ... over 16 convs).
 TINY_CHANNELS = (3, 4, 4, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 8)
@@ -27,7 +32,7 @@ def tiny_params(seed=0, channels=TINY_CHANNELS):
   rng = np.random.default_rng(seed)
   return {n: (rng.normal(size=(3, 3, channels[i], channels[i + 1])).astype(np.float32),
               rng.normal(size=(channels[i + 1],)).astype(np.float32))
-          for i, n in enumerate(vw.CONV_NAMES)}
+          for i, n in enumerate(vgg19.CONV_NAMES)}
 
 
 # ----------------------------------------------------------------------------- builders
@@ -43,7 +48,7 @@ def write_keras_h5(path, params, *, keras2=False, model_weights=False):
   with h5py.File(path, "w") as f:
     root = f.create_group("model_weights") if model_weights else f
     layer_names = ["input_1"]
-    for name, kname in zip(vw.CONV_NAMES, vw.KERAS_NAMES):
+    for name, kname in zip(vgg19.CONV_NAMES, KERAS_NAMES):
       layer_names.append(kname)
       if name.endswith(("1_2", "2_2", "3_4", "4_4", "5_4")):
         layer_names.append(f"block{name[4]}_pool")
@@ -52,7 +57,7 @@ def write_keras_h5(path, params, *, keras2=False, model_weights=False):
       if "conv" not in lname:
         g.attrs["weight_names"] = np.array([], dtype="S1")
         continue
-      k, b = params[vw.CONV_NAMES[vw.KERAS_NAMES.index(lname)]]
+      k, b = params[vgg19.CONV_NAMES[KERAS_NAMES.index(lname)]]
       if keras2:
         wn = [f"{lname}/kernel:0", f"{lname}/bias:0"]
       else:
@@ -151,7 +156,7 @@ def write_torch_legacy(path, tensors):
 def torchvision_state_dict(params, with_classifier=True):
   """params in torchvision's layout: features.N.weight [Cout,Cin,3,3] (OIHW) and bias."""
   sd = collections.OrderedDict()
-  for name, i in zip(vw.CONV_NAMES, vw.TORCH_FEATURE_INDICES):
+  for name, i in zip(vgg19.CONV_NAMES, vw.TORCH_FEATURE_INDICES):
     k, b = params[name]
     sd[f"features.{i}.weight"] = np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1)))
     sd[f"features.{i}.bias"] = b
@@ -170,7 +175,7 @@ def write_matconvnet(path, params, *, meta=False, mean=(123.68, 116.779, 103.939
   layer (type 'conv' too, as in MatConvNet) follows them.
   """
   layers = []
-  for name in vw.CONV_NAMES:
+  for name in vgg19.CONV_NAMES:
     k, b = params[name]
     f = np.transpose(k, (1, 0, 2, 3)) if spatial_order == "WH" else k
     w = np.empty((1, 2), dtype=object)
@@ -201,8 +206,8 @@ def write_matconvnet(path, params, *, meta=False, mean=(123.68, 116.779, 103.939
 
 
 def assert_params_equal(got, want):
-  assert set(got) == set(vw.CONV_NAMES)
-  for n in vw.CONV_NAMES:
+  assert set(got) == set(vgg19.CONV_NAMES)
+  for n in vgg19.CONV_NAMES:
     assert got[n][0].dtype == np.float32 and got[n][1].dtype == np.float32
     np.testing.assert_array_equal(got[n][0], want[n][0], err_msg=n)
     np.testing.assert_array_equal(got[n][1], want[n][1], err_msg=n)
@@ -223,10 +228,10 @@ def _oihw_to_hwio_loops(w):
 # ----------------------------------------------------------------------------- constants
 
 def test_conv_names_and_expected_channel_chain():
-  assert len(vw.CONV_NAMES) == 16 and vw.CONV_NAMES[0] == "conv1_1"
-  assert vw.CONV_NAMES[-1] == "conv5_4" and "conv3_4" in vw.CONV_NAMES
-  assert vw.KERAS_NAMES[vw.CONV_NAMES.index("conv3_4")] == "block3_conv4"
-  chans = [vw.EXPECTED_CHANNELS[n] for n in vw.CONV_NAMES]
+  assert len(vgg19.CONV_NAMES) == 16 and vgg19.CONV_NAMES[0] == "conv1_1"
+  assert vgg19.CONV_NAMES[-1] == "conv5_4" and "conv3_4" in vgg19.CONV_NAMES
+  assert KERAS_NAMES[vgg19.CONV_NAMES.index("conv3_4")] == "block3_conv4"
+  chans = [vgg19.CONV_CHANNELS[n] for n in vgg19.CONV_NAMES]
   assert chans[0] == (3, 64) and chans[2] == (64, 128) and chans[8] == (256, 512)
   assert all(a[1] == b[0] for a, b in zip(chans, chans[1:]))
   assert sum(9 * ci * co + co for ci, co in chans) == 20_024_384  # VGG19 conv parameters
@@ -243,12 +248,12 @@ def test_keras_h5_round_trip(tmp_path, keras2, model_weights):
   params = tiny_params(1)
   path = str(tmp_path / "w.h5")
   write_keras_h5(path, params, keras2=keras2, model_weights=model_weights)
-  w = vw.read_keras_h5(path, strict_shapes=False)
+  w = vw.read_keras_h5(path, CONVS, strict_shapes=False)
   assert_params_equal(w.params, params)  # keras kernels are already HWIO
   assert w.preprocessing == vw.CAFFE
   assert w.source == f"keras-h5:{os.path.abspath(path)}"
   assert vw.detect_format(path) == "keras-h5"
-  assert_params_equal(vw.read_vgg19(path, strict_shapes=False).params, params)
+  assert_params_equal(vw.read_vgg19(path, CONVS, strict_shapes=False).params, params)
 
 
 def test_keras_h5_missing_layer_and_strict_shapes_name_file_and_layer(tmp_path):
@@ -256,11 +261,11 @@ def test_keras_h5_missing_layer_and_strict_shapes_name_file_and_layer(tmp_path):
   path = str(tmp_path / "w.h5")
   write_keras_h5(path, tiny_params())
   with pytest.raises(ValueError, match=r"w\.h5.*conv1_1.*\(3, 3, 3, 64\)"):
-    vw.read_keras_h5(path)  # tiny channels are not VGG19's
+    vw.read_keras_h5(path, CONVS)  # tiny channels are not VGG19's
   with h5py.File(path, "a") as f:
     del f["block4_conv2"]
   with pytest.raises(ValueError, match=r"w\.h5.*block4_conv2 \(conv4_2\) is missing"):
-    vw.read_keras_h5(path, strict_shapes=False)
+    vw.read_keras_h5(path, CONVS, strict_shapes=False)
 
 
 def test_keras_h5_truncated_file_is_a_value_error_naming_it(tmp_path):
@@ -271,7 +276,7 @@ def test_keras_h5_truncated_file_is_a_value_error_naming_it(tmp_path):
   with open(path, "wb") as f:
     f.write(data[: len(data) // 3])
   with pytest.raises(ValueError, match=r"w\.h5"):
-    vw.read_keras_h5(path, strict_shapes=False)
+    vw.read_keras_h5(path, CONVS, strict_shapes=False)
 
 
 def test_keras_without_h5py_says_pip_install(tmp_path, monkeypatch):
@@ -280,7 +285,7 @@ def test_keras_without_h5py_says_pip_install(tmp_path, monkeypatch):
     f.write(vw.HDF5_SIGNATURE + b"\0" * 100)
   monkeypatch.setitem(sys.modules, "h5py", None)  # makes `import h5py` fail
   with pytest.raises(ImportError, match="pip install h5py"):
-    vw.read_keras_h5(path)
+    vw.read_keras_h5(path, CONVS)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -291,9 +296,9 @@ def test_torchvision_pth_without_torch_round_trip(tmp_path, writer):
   path = str(tmp_path / "vgg.pth")
   sd = torchvision_state_dict(params)
   writer(path, sd)
-  w = vw.read_torchvision_pth(path, strict_shapes=False)
+  w = vw.read_torchvision_pth(path, CONVS, strict_shapes=False)
   assert_params_equal(w.params, params)
-  for name, i in zip(vw.CONV_NAMES, vw.TORCH_FEATURE_INDICES):
+  for name, i in zip(vgg19.CONV_NAMES, vw.TORCH_FEATURE_INDICES):
     np.testing.assert_array_equal(w.params[name][0], _oihw_to_hwio_loops(sd[f"features.{i}.weight"]))
   assert w.preprocessing == vw.TORCH
   assert w.source.startswith("torchvision-pth:")
@@ -312,7 +317,7 @@ def test_torch_reader_only_reads_wanted_storages(tmp_path):
   with zipfile.ZipFile(path, "w") as z:
     for n, d in members.items():
       z.writestr(n, d)
-  w = vw.read_torchvision_pth(path, strict_shapes=False)
+  w = vw.read_torchvision_pth(path, CONVS, strict_shapes=False)
   assert len(w.params) == 16
   with pytest.raises(ValueError, match=r"vgg\.pth.*classifier\.0\.weight"):
     vw.read_torch_state_dict(path)
@@ -377,7 +382,7 @@ def test_torch_truncated_file_is_a_value_error_naming_it(tmp_path, writer):
     with open(path, "wb") as f:
       f.write(data[:n])
     with pytest.raises(ValueError, match=r"cut\.pth"):
-      vw.read_torchvision_pth(path, strict_shapes=False)
+      vw.read_torchvision_pth(path, CONVS, strict_shapes=False)
 
 
 def test_torch_wrong_model_is_refused(tmp_path):
@@ -386,7 +391,7 @@ def test_torch_wrong_model_is_refused(tmp_path):
   path = str(tmp_path / "v16.pth")
   write_torch_zip(path, sd)
   with pytest.raises(ValueError, match=r"v16\.pth.*16 convolutions.*found 15"):
-    vw.read_torchvision_pth(path, strict_shapes=False)
+    vw.read_torchvision_pth(path, CONVS, strict_shapes=False)
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
@@ -429,7 +434,7 @@ def test_matconvnet_round_trip(tmp_path, meta):
   params = tiny_params(4)
   path = str(tmp_path / "vgg.mat")
   write_matconvnet(path, params, meta=meta, mean=(120.0, 110.0, 100.0))
-  w = vw.read_matconvnet_mat(path, strict_shapes=False)
+  w = vw.read_matconvnet_mat(path, CONVS, strict_shapes=False)
   assert_params_equal(w.params, params)  # [W,H,...] in the file -> HWIO
   assert w.preprocessing.channel_order == "RGB" and w.preprocessing.scale == 255.0
   np.testing.assert_allclose(w.preprocessing.mean, (120.0, 110.0, 100.0), rtol=1e-6)
@@ -441,20 +446,20 @@ def test_matconvnet_spatial_order_option(tmp_path):
   params = tiny_params(5)
   path = str(tmp_path / "hw.mat")
   write_matconvnet(path, params, spatial_order="HW")
-  assert_params_equal(vw.read_matconvnet_mat(path, strict_shapes=False, spatial_order="HW").params,
+  assert_params_equal(vw.read_matconvnet_mat(path, CONVS, strict_shapes=False, spatial_order="HW").params,
                       params)
-  wh = vw.read_matconvnet_mat(path, strict_shapes=False)  # default transposes
+  wh = vw.read_matconvnet_mat(path, CONVS, strict_shapes=False)  # default transposes
   np.testing.assert_array_equal(wh.params["conv2_1"][0],
                                 np.transpose(params["conv2_1"][0], (1, 0, 2, 3)))
   with pytest.raises(ValueError, match="spatial_order"):
-    vw.read_matconvnet_mat(path, spatial_order="XY")
+    vw.read_matconvnet_mat(path, CONVS, spatial_order="XY")
 
 
 def test_matconvnet_bad_files(tmp_path):
   path = str(tmp_path / "other.mat")
   scipy.io.savemat(path, {"x": np.ones(3)})
   with pytest.raises(ValueError, match=r"other\.mat.*no 'layers'"):
-    vw.read_matconvnet_mat(path)
+    vw.read_matconvnet_mat(path, CONVS)
   good = str(tmp_path / "vgg.mat")
   write_matconvnet(good, tiny_params())
   data = open(good, "rb").read()
@@ -462,63 +467,63 @@ def test_matconvnet_bad_files(tmp_path):
   with open(cut, "wb") as f:
     f.write(data[: len(data) // 2])
   with pytest.raises(ValueError, match=r"cut\.mat"):
-    vw.read_matconvnet_mat(cut, strict_shapes=False)
+    vw.read_matconvnet_mat(cut, CONVS, strict_shapes=False)
   v73 = str(tmp_path / "v73.mat")
   with open(v73, "wb") as f:
     f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64" + b" " * 200)
   with pytest.raises(ValueError, match=r"v73\.mat.*v7\.3"):
-    vw.read_matconvnet_mat(v73)
+    vw.read_matconvnet_mat(v73, CONVS)
 
 
 # ----------------------------------------------------------------------------- validation
 
 def test_validate_accepts_real_shapes_and_refuses_mismatches():
-  real = {n: (np.broadcast_to(np.float32(0), (3, 3) + vw.EXPECTED_CHANNELS[n]),
-              np.zeros(vw.EXPECTED_CHANNELS[n][1], np.float32)) for n in vw.CONV_NAMES}
-  out = vw.validate(real, "f.h5")
+  real = {n: (np.broadcast_to(np.float32(0), (3, 3) + vgg19.CONV_CHANNELS[n]),
+              np.zeros(vgg19.CONV_CHANNELS[n][1], np.float32)) for n in vgg19.CONV_NAMES}
+  out = vw.validate(real, "f.h5", CONVS)
   assert out["conv5_4"][0].shape == (3, 3, 512, 512) and out["conv5_4"][0].flags.c_contiguous
   bad = dict(real, conv3_2=(np.zeros((3, 3, 256, 128), np.float32), np.zeros(128, np.float32)))
   with pytest.raises(ValueError, match=r"f\.h5: layer conv3_2 kernel has shape \(3, 3, 256, 128\)"):
-    vw.validate(bad, "f.h5")
+    vw.validate(bad, "f.h5", CONVS)
 
 
 def test_validate_structure_errors_name_file_and_layer():
   p = tiny_params()
   with pytest.raises(ValueError, match=r"x: layer conv2_1 takes 5 input channels.*gives 4"):
     vw.validate(dict(p, conv2_1=tiny_params(channels=(3, 4, 4, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 8, 8,
-                                                       8, 8))["conv2_2"]), "x", strict_shapes=False)
+                                                       8, 8))["conv2_2"]), "x", CONVS, strict_shapes=False)
   with pytest.raises(ValueError, match=r"x: layer conv1_2 bias has shape \(3,\)"):
-    vw.validate(dict(p, conv1_2=(p["conv1_2"][0], np.zeros(3, np.float32))), "x",
+    vw.validate(dict(p, conv1_2=(p["conv1_2"][0], np.zeros(3, np.float32))), "x", CONVS,
                 strict_shapes=False)
   with pytest.raises(ValueError, match=r"x: layer conv1_1 kernel .* \[3, 3, Cin, Cout\] \(chan.*th_dim"):
-    vw.validate(dict(p, conv1_1=(np.zeros((4, 3, 3, 3)), p["conv1_1"][1])), "x",
+    vw.validate(dict(p, conv1_1=(np.zeros((4, 3, 3, 3)), p["conv1_1"][1])), "x", CONVS,
                 strict_shapes=False)
   with pytest.raises(ValueError, match=r"x: layer conv1_1 kernel has shape \(5, 5, 3, 4\)"):
-    vw.validate(dict(p, conv1_1=(np.zeros((5, 5, 3, 4)), p["conv1_1"][1])), "x",
+    vw.validate(dict(p, conv1_1=(np.zeros((5, 5, 3, 4)), p["conv1_1"][1])), "x", CONVS,
                 strict_shapes=False)
   k = p["conv4_4"][0].copy()
   k[0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match=r"x: layer conv4_4 holds NaN"):
-    vw.validate(dict(p, conv4_4=(k, p["conv4_4"][1])), "x", strict_shapes=False)
+    vw.validate(dict(p, conv4_4=(k, p["conv4_4"][1])), "x", CONVS, strict_shapes=False)
   missing = dict(p)
   del missing["conv5_1"]
   with pytest.raises(ValueError, match=r"x: not a VGG19 weight file.*conv5_1"):
-    vw.validate(missing, "x", strict_shapes=False)
+    vw.validate(missing, "x", CONVS, strict_shapes=False)
 
 
 def test_detect_format_refuses_unrelated_empty_and_missing_files(tmp_path):
   txt = tmp_path / "notes.txt"
   txt.write_text("hello")
   with pytest.raises(ValueError, match=r"notes\.txt is not a Keras .h5, torch .pth or MatConvNet"):
-    vw.read_vgg19(str(txt))
+    vw.read_vgg19(str(txt), CONVS)
   empty = tmp_path / "empty.pth"
   empty.write_bytes(b"")
   with pytest.raises(ValueError, match=r"empty\.pth is empty"):
     vw.detect_format(str(empty))
   with pytest.raises(ValueError, match=r"nope\.h5.*does not exist"):
-    vw.read_vgg19(str(tmp_path / "nope.h5"))
+    vw.read_vgg19(str(tmp_path / "nope.h5"), CONVS)
   with pytest.raises(ValueError, match=r"notes\.txt is neither a zip"):
-    vw.read_torchvision_pth(str(txt))
+    vw.read_torchvision_pth(str(txt), CONVS)
 
 
 def test_matconvnet_reader_crash_becomes_value_error(tmp_path, monkeypatch):
@@ -529,11 +534,11 @@ def test_matconvnet_reader_crash_becomes_value_error(tmp_path, monkeypatch):
   monkeypatch.setattr(vw, "_LOADMAT_CHILD", "import os; os.abort()")
   with pytest.raises(ValueError, match=r"crash\.mat cannot be read \(the MAT reader crashed "
                                        r"\(signal 6\)\)"):
-    vw.read_matconvnet_mat(path, strict_shapes=False)
+    vw.read_matconvnet_mat(path, CONVS, strict_shapes=False)
   # In-process reading gives the same weights as the isolated one.
   monkeypatch.undo()
-  a = vw.read_matconvnet_mat(path, strict_shapes=False, isolate=False)
-  b = vw.read_matconvnet_mat(path, strict_shapes=False)
+  a = vw.read_matconvnet_mat(path, CONVS, strict_shapes=False, isolate=False)
+  b = vw.read_matconvnet_mat(path, CONVS, strict_shapes=False)
   assert_params_equal(a.params, b.params)
   assert a.preprocessing == b.preprocessing
 
@@ -547,7 +552,7 @@ def test_torch_kernels_convolve_like_torch_in_nhwc(tmp_path):
   path = str(tmp_path / "vgg.pth")
   sd = torchvision_state_dict(params)
   write_torch_zip(path, sd)
-  k, b = vw.read_torchvision_pth(path, strict_shapes=False).params["conv1_2"]
+  k, b = vw.read_torchvision_pth(path, CONVS, strict_shapes=False).params["conv1_2"]
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 4)).astype(np.float32)
   got = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + b

@@ -5,18 +5,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-from PIL import Image
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
+from PIL import Image
 
 from jaxface import paths
-from jaxface.visualize import adapters
-from jaxface.visualize import receptive as rf
-from jaxface.visualize import run as run_lib
+from jaxface.visualize import adapters, receptive as rf, run as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LFW = os.path.join(paths.data_root(), "faces", "lfw_subset")
@@ -135,10 +132,10 @@ def test_unknown_layers_and_units_are_value_errors():
     a.check_layers(["c3"])
   assert a.check_layers(["c2", "c1"]) == ("c1", "c2")
   for bad in ("top:0", "first:x", "1,1", "-2", ""):
-    with pytest.raises(ValueError, match="--units"):
+    with pytest.raises(ValueError, match="^units="):
       run_lib.parse_units(bad)
   assert run_lib.parse_units("3, 5") == ("list", (3, 5))
-  with pytest.raises(ValueError, match="--network"):
+  with pytest.raises(ValueError, match="^network="):
     run_lib.VisualizeConfig(network="resnet50").validate()
   with pytest.raises(ValueError, match="out of range"):
     run_lib.choose_units({"value": np.zeros((4, 2)), "total": np.zeros(4)}, "1,7", 3)
@@ -165,8 +162,7 @@ def _photo_folder(root, n=10):
 
 def test_run_on_a_triplet_checkpoint(tmp_path):
   from jaxface import checkpointing
-  from jaxface.train import config as config_lib
-  from jaxface.train import triplet
+  from jaxface.train import config as config_lib, triplet
   tcfg = config_lib.TripletConfig(image_size=(24, 24), crop_size=(20, 20), stem_width=4, widths=(4, 8),
                                   depths=(1, 1), embedding_dim=4)
   _, _, state = triplet.init_state(tcfg)

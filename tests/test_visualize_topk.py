@@ -1,10 +1,9 @@
 """Running per-unit top-k vs. a NumPy reference over the whole stream."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from jaxface.visualize import topk
 

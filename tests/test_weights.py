@@ -8,11 +8,10 @@ import io
 import os
 
 import pytest
+from test_vgg_weights import assert_params_equal, tiny_params, torchvision_state_dict, write_matconvnet, write_torch_zip
 
 from jaxface import weights as W
 from jaxface.formats import vgg_weights as vw
-from test_vgg_weights import (assert_params_equal, tiny_params, torchvision_state_dict,
-                              write_matconvnet, write_torch_zip)
 
 
 @pytest.fixture
@@ -134,7 +133,7 @@ def test_damaged_cache_is_a_clear_error_and_nothing_is_deleted(cache, tmp_path):
           fh.truncate(16)
         damaged += 1
   assert damaged
-  with pytest.raises(W.WeightsCacheError, match=f"{entry}.*delete that folder"):
+  with pytest.raises(W.WeightsCacheError, match=f"{entry}.*Delete that folder"):
     W.load_vgg19()
   assert entry.is_dir() and os.path.exists(path)
   (cache / "vgg19" / "index.json").write_text("{ broken")
@@ -272,6 +271,7 @@ def test_conversion_killed_midway_leaves_no_entry_and_its_temp_folder_is_cleaned
                                                                                  monkeypatch):
   import subprocess
   import sys
+
   from jaxface import staging
   path, params = _torch_file(tmp_path)
   entry = _vgg_entry(cache, path)

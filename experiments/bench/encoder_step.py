@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments.flagutil import YNN_FLAG
 
@@ -48,6 +47,7 @@ def _config(name: str):
 def _jax_worker(name: str, steps: int) -> dict:
   import jax
   import numpy as np
+
   from jaxface.train import triplet
   cfg = _config(name)
   graphdef, tx, state = triplet.init_state(cfg)

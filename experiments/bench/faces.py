@@ -1,27 +1,11 @@
 r"""Benchmark: dlib face pipeline in JAX (jaxface.faces) vs dlib itself, same run, same inputs.
 
-Measures
-  * embedding throughput (chips/s) of ``faces.embed`` at batch 1, 16, 64, 256;
-  * detection time (ms per image) of ``faces.detect`` at 512x512 and 1024x1024;
-and, when ``dlib`` is importable (``pip install dlib-bin``; optional, never
-needed by the tests), the same with dlib's ``face_recognition_model_v1`` /
-``cnn_face_detection_model_v1`` on the same model files and inputs, plus the
-speed ratio. Without dlib it prints the reference figures from the issue,
-labelled as not measured in this run.
-
-Timing: each configuration is called once first (for JAX this includes
-tracing and XLA compilation, reported separately as "first call"), then
-repeated until ``--min_time`` seconds have passed (at least ``--min_reps``
-calls); the median call time is reported. Embedding is timed interleaved:
-``--rounds`` rounds, each timing jaxface then dlib for ``min_time / rounds``
-seconds on the same batch, so both see the same background load (the machine
-is shared); the speed-up is the median of the per-round ratios, with their
-range. Inputs are the golden chips and the centre square of a golden photo
-(two faces) resized to each size (random data when the golden set is absent).
-
-``--noxla_tuning`` skips ``flagutil.tune_cpu_xla()`` (no process-wide
-``XLA_FLAGS``): what a library user gets from ``jaxface.faces``, which sets
-its XLA options per compiled program.
+Embedding throughput (chips/s) of ``faces.embed`` and detection time (ms per
+image) of ``faces.detect``, and, when ``dlib`` is importable (``pip install
+dlib-bin``; never needed by the tests), the same with dlib's models on the same
+files and inputs, plus the speed ratio; without dlib it prints the issue's
+reference figures, labelled as not measured. Calls are timed by
+``experiments.bench.timing.timed`` (first call reported separately).
 
   python -m experiments.bench.faces [--batches=1,16,64,256] [--sizes=512,1024] [--min_time=3]
 """
@@ -32,9 +16,7 @@ import os
 import statistics
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from experiments import flagutil
 from experiments.bench import timing
@@ -56,9 +38,11 @@ PHOTO = "fr_two_people.jpg"  # two faces, ~130 px wide after the 512x512 resize
 
 
 def _inputs(sizes: list[int]):
-  """Golden chips [82,150,150,3] and one photo resized to each size (random if no data)."""
+  """Golden chips [82,150,150,3] and the centre square of one golden photo (two faces) resized
+  to each size (random data when the golden set is absent)."""
   import numpy as np
   from PIL import Image
+
   from jaxface import paths
   from jaxface.images import load_image
   rng = np.random.default_rng(0)
@@ -97,10 +81,12 @@ def _embed_rows(chips, batches, rec):
 
   ``rec`` is dlib's ``face_recognition_model_v1`` or None. Each round times
   jaxface then dlib for ``min_time / rounds`` seconds each (at least one call),
-  so a burst of background load hits both; rates are medians over rounds.
+  so a burst of background load hits both (the machine is shared); rates are medians
+  over rounds, and the speed-up is the median of the per-round ratios, with their range.
   """
   import jax
   import numpy as np
+
   from jaxface import faces
   t = time.perf_counter()
   faces.embed(chips[:1])
@@ -155,6 +141,7 @@ def _jax_detect_rows(images, upsample):
 
 def _dlib_detect_rows(images, upsample):
   import dlib
+
   from jaxface import pretrained
   rows = {"detect": {}, "version": dlib.__version__}
   det = dlib.cnn_face_detection_model_v1(pretrained.model_file("mmod"))
@@ -188,6 +175,7 @@ def main(argv):
   if FLAGS.dlib:
     try:
       import dlib
+
       from jaxface import pretrained
       rec = dlib.face_recognition_model_v1(pretrained.model_file("resnet"))
     except ImportError:

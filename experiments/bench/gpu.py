@@ -1,31 +1,10 @@
 r"""Prepared accelerator benchmark: one table of the headline figures on one device.
 
-Measures, in one process on ``jax.devices()[0]`` (and on all local devices
-for the sharded rows, when there are several):
-
-  * train: triplet training images/s -- the jitted ``jaxface.train.triplet``
-    train step (augmentation, encoder forward/backward, batch-all triplet
-    loss, AdamW) of the demo-size scratch encoder (``TripletConfig``
-    defaults, stem stride 2, 64x64 -> 56x56 crops, as
-    ``experiments.bench.encoder_step --config=demo``) on a fixed P*K batch
-    already on the device (the input pipeline is not timed);
-  * nst: Gatys style transfer ms/step at ``--nst_size`` px (default 512;
-    ``jaxface.style.transfer.make_step``, content relu4_2 + style
-    relu1_1..relu5_1 by default, Adam) with *randomly initialised* VGG19 weights (the
-    cost per step does not depend on the weight values); also a batch of
-    ``--nst_batch`` images on one device and, with several devices, sharded
-    over them (``jaxface.style.sharding``);
-  * identify: ``SearchIndex.identify`` queries/s, ``--queries`` random unit
-    queries against a ``--gallery`` (default 1e6) x 128 random unit
-    gallery; with several devices also the gallery sharded over all of them
-    (checked to return the same top-1 rows).
-
-Precision: the library's own choices apply (HIGHEST for the search matmul and
-the style Grams; JAX's default for convolutions, printed in the header). Each
-row reports the first call (trace + compile + run) separately; the figure is
-the median of the timed calls that follow. Rows are printed as soon as they
-are measured. A failing section is reported (``FAILED section: error``) and
-the others still run; the exit status is then 1. Sizes for a CPU smoke run:
+Triplet training images/s, Gatys style transfer ms/step and ``SearchIndex.identify``
+queries/s on ``jax.devices()[0]`` (plus sharded rows over all local devices when there
+are several); what each row measures: BUILD.md, "Accelerator benchmark". Each row
+reports the first call (trace + compile + run) separately; the figure is the median
+of the timed calls that follow. Sizes for a CPU smoke run:
 
   python -m experiments.bench.gpu                               # the real thing (GPU)
   python -m experiments.bench.gpu --train_P=2 --train_K=2 --train_widths=8,16 \
@@ -43,8 +22,7 @@ import sys
 import time
 import traceback
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import flagutil
 from experiments.bench import timing
@@ -99,8 +77,13 @@ def _median(xs: list[float]) -> float:
 
 
 def bench_train() -> None:
+  """Triplet training images/s: the jitted train step (augmentation, encoder forward/backward,
+  batch-all triplet loss, AdamW) of the demo-size scratch encoder (``TripletConfig`` defaults,
+  stem stride 2, as ``experiments.bench.encoder_step --config=demo``) on a fixed P*K batch
+  already on the device (the input pipeline is not timed)."""
   import jax
   import numpy as np
+
   from jaxface.train import triplet
   from jaxface.train.config import TripletConfig
   h, w = (int(v) for v in FLAGS.train_image)
@@ -139,8 +122,8 @@ def bench_train() -> None:
 
 def _nst_rows(size: int, batch: int, devices: int) -> None:
   import jax
-  from jaxface.style import sharding
-  from jaxface.style import transfer
+
+  from jaxface.style import sharding, transfer
   from jaxface.style.config import NSTConfig
   content = ",".join((["builtin:scene", "builtin:checker"] * batch)[:batch])
   cfg = NSTConfig(content=content, size=size, num_scales=1, steps=(1,),
@@ -202,6 +185,7 @@ def _unit(rng, n: int, dim: int):
 def bench_identify() -> None:
   import jax
   import numpy as np
+
   from jaxface.recognition import search
   rng = np.random.default_rng(0)
   m, q = FLAGS.gallery, FLAGS.queries
@@ -236,7 +220,7 @@ def bench_identify() -> None:
                            f"{int((~(same | near)).sum())} queries")
     _row("identify", f"gallery {m:,} x 128, {q} queries, k={FLAGS.k}, {name}", q / med, "queries/s",
          first, f"{1e3 * med:.1f} ms/call; build {build:.1f} s{note}")
-    del index
+    index = None  # frees the device gallery before the next variant (a lambda above reads it)
 
 
 # --------------------------------------------------------------------------- main
@@ -260,7 +244,7 @@ def main(argv):
   import jax
   import jaxlib
   dev = jax.devices()[0]
-  _say(f"# jaxface accelerator benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+  _say(f"# jaxface accelerator benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
   _say(f"# device: {dev.platform} {dev.device_kind} (x{jax.device_count()}); jax {jax.__version__}, "
        f"jaxlib {jaxlib.__version__}; python {platform.python_version()}; host CPUs {os.cpu_count()}")
   _say(f"# default matmul precision: {jax.config.jax_default_matmul_precision or 'default'} "

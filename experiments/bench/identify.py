@@ -1,25 +1,12 @@
 r"""Benchmark: 1:K identify() queries/s against NumPy brute force, same run, same data.
 
-For each gallery size (default 1e3, 1e5, 1e6 random unit vectors, 128-D
-float32) and a batch of 256 random unit queries, measures:
-
-  * jaxface: ``SearchIndex.identify`` (the gallery laid out on the device once,
-    as an application would; the build time is printed separately). Each
-    timed call includes moving the queries to the device and the results
-    back, plus the exact re-ranking of the k winners.
-  * NumPy chunked: the same algorithm on the host (norm expansion, one
-    matmul per chunk of ``--chunk`` rows, argpartition top-k, merge).
-  * NumPy full: one [Q, M] matmul + argpartition, when the [Q, M] float32
-    block fits in ``--numpy_full_max_gb`` (the fastest NumPy when memory
-    allows).
-
-The speed-up column is jaxface over the *faster* NumPy variant. Results are
-checked against each other in the same run (top-1 rows agree; a mismatch is
-only accepted for float near-ties, whose count is printed).
-
-Timing: one call first (for JAX that includes tracing + XLA compilation,
-printed as "first call"), then repeated calls until ``--min_time`` seconds
-(at least ``--min_reps``); the median is reported.
+For each gallery size (default 1e3, 1e5, 1e6 random unit vectors, 128-D float32)
+and a batch of 256 random unit queries it times ``SearchIndex.identify`` (gallery
+laid out on the device once, its build time printed apart; each call includes the
+query and result transfers and the exact re-ranking) and two NumPy variants
+(:func:`numpy_topk`); the speed-up is over the *faster* NumPy variant. Results are
+checked against each other (top-1 rows agree; only float near-ties, counted, may
+differ). Calls are timed by ``experiments.bench.timing.timed``.
 
   python -m experiments.bench.identify [--sizes=1000,100000,1000000] [--queries=256] [--min_time=2]
 """
@@ -28,8 +15,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import flagutil
 from experiments.bench import timing
@@ -59,8 +45,10 @@ def _unit(rng, n: int, dim: int):
 def numpy_topk(queries, gallery, g_sq, k: int, chunk: int | None):
   """NumPy brute force: (rows [Q, k], Euclidean distances [Q, k]), ascending.
 
-  ``chunk=None`` does one [Q, M] matmul; otherwise the gallery is scanned in
-  chunks with a running top-k merge (what jaxface does on the device).
+  ``chunk=None`` ("NumPy full") does one [Q, M] matmul + argpartition, run only when the
+  [Q, M] float32 block fits in ``--numpy_full_max_gb`` (the fastest NumPy when memory
+  allows); otherwise ("NumPy chunked") the same algorithm as jaxface on the host: norm
+  expansion, one matmul per chunk of ``--chunk`` rows, argpartition top-k, running merge.
   """
   import numpy as np
   q_sq = np.einsum("qd,qd->q", queries, queries)[:, None]
@@ -142,7 +130,7 @@ def main(argv):
     full = f"{q / np_full_t:12.0f}" if np_full_t else f"{'(skipped)':>12s}"
     print(f"{m:9d} {build:8.2f} {first:8.2f} {q / jx_t:12.0f} {q / np_chunk_t:15.0f} {full} "
           f"{best_np / jx_t:8.1f}x {int(agree.sum()):>5d}/{q:<6d} {_peak_mb(dev):>12s}", flush=True)
-    del index, gallery, g_sq
+    index = gallery = g_sq = None  # frees them before the next size (lambdas above read them)
 
 
 if __name__ == "__main__":

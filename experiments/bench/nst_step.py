@@ -1,26 +1,14 @@
 r"""Benchmark: one Gatys style transfer step (VGG19 forward/backward, costs, Adam), ms/step.
 
 Compares, in the same run and on the same shapes (content relu4_2 + style
-relu1_1..relu5_1, so conv1_1..conv5_1 run; lecture costs; Adam; pixels
-clipped to [0, 1]):
-  * jaxface's jitted, donated ``jaxface.style.transfer.make_step`` with the
-    style Grams, content activations and input-gradient kernels
-    (``scale_consts``; the convolution kernels from
-    ``vgg19.input_grad_kernels(params, --conv_impl)``) passed in as
-    constants, with the default XLA flags and with
-    ``experiments.flagutil.tune_cpu_xla()`` (and optionally with
-    ``conv_impl="xla"``: variant ``jax_xla``),
-  * an equivalent PyTorch CPU eager implementation written here (NCHW,
-    weights frozen, only the image requires grad), when torch is installed
-    (``pip install torch==2.13.0``).
-Every variant runs in its own subprocess, so XLA_FLAGS apply and the peak RSS
-(``ru_maxrss``) is that variant's alone. Besides wall time it reports each
-variant's process CPU time per step (all threads): on a machine shared with
-other jobs the wall-time ratio swings widely between runs (PyTorch's OpenMP
-threads suffer most), the CPU-time ratio much less; so besides the ratio of
-the best medians it prints the min and median over rounds of each round's
-ratio (variants of a round run back to back). It also times a batch of 4
-content images in one vmapped JAX step against 4 separate single-image steps.
+relu1_1..relu5_1; lecture costs; Adam; pixels clipped to [0, 1]), jaxface's
+jitted, donated ``jaxface.style.transfer.make_step`` with its constants
+precomputed (``scale_consts``), with the default XLA flags, with
+``experiments.flagutil.tune_cpu_xla()`` (``jax_tuned``) and with
+``conv_impl="xla"`` (``jax_xla``), against an equivalent PyTorch CPU eager step
+written here (NCHW, weights frozen, only the image requires grad; ``pip install
+torch==2.13.0``). Reports wall and process CPU time per step, and a batch of 4
+content images in one JAX step against 4 single-image steps.
 
   python -m experiments.bench.nst_step [--sizes=256,512] [--steps=5] [--rounds=5]
       [--variants=jax,jax_tuned,torch] [--conv_impl=auto] [--batch=4]
@@ -35,8 +23,7 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments.flagutil import YNN_FLAG
 
@@ -81,7 +68,9 @@ def _summary(times: list[float], cpu: list[float]) -> dict:
 
 def _jax_worker(size: int, batch: int, steps: int, conv_impl: str) -> dict:
   import dataclasses
+
   import jax
+
   from jaxface.style import transfer
   from jaxface.style.config import NSTConfig
   content = ",".join((["builtin:scene", "builtin:checker"] * batch)[:batch])
@@ -126,8 +115,8 @@ def _jax_inputs(size: int):
 def _torch_worker(size: int, steps: int) -> dict:
   import numpy as np
   import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
   # Same random weights, images and start image as the JAX variant: the
   # first-step losses must agree, which checks that both compute the same thing.
   vgg, content, style, image0 = _jax_inputs(size)
@@ -205,6 +194,8 @@ def _torch_worker(size: int, steps: int) -> dict:
 
 
 def _spawn(kind: str, size: int, batch: int, steps: int, tuned: bool, conv_impl: str) -> dict | None:
+  """Runs one variant in its own subprocess, so XLA_FLAGS apply and the peak RSS
+  (``ru_maxrss``) is that variant's alone; returns its JSON record (None on failure)."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   if tuned:
@@ -224,7 +215,12 @@ def _load() -> str:
 
 
 def _ratio_line(size: int, name: str, runs: list[tuple[dict, dict]]) -> str:
-  """Per-round ratios (JAX run / the torch run of the same round): min and median over rounds."""
+  """Per-round ratios (JAX run / the torch run of the same round): min and median over rounds.
+
+  On a machine shared with other jobs the wall-time ratio swings widely between runs
+  (PyTorch's OpenMP threads suffer most), the CPU-time ratio much less; so besides the
+  ratio of the best medians the script prints these (variants of a round run back to back).
+  """
   def stats(key):
     ratios = sorted(a[key] / b[key] for a, b in runs)
     return f"{ratios[0]:.2f}/{ratios[len(ratios) // 2]:.2f}"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def timed(fn: Callable[[], Any], min_time: float, min_reps: int) -> tuple[Any, float, float]:

@@ -3,43 +3,12 @@ r"""Benchmark of `jaxface.losses.triplet_loss` (time and peak memory).
 Usage:
   python -m experiments.bench.triplet_loss [--max_b=2048] [--repeats=5] [--nonaive] [--notorch]
 
-For each batch size B = min_b, 2 * min_b, ..., max_b (P x K batches, K = --k
-images per identity, unit-norm [B, --dim] float32 embeddings) and each
-strategy, it times the jitted `value_and_grad` of
-
-  * jaxface      `triplet_loss` (O(B^2 * K) time, O(B^2) memory),
-  * naive jnp    the textbook formulation that materializes the
-                 [B, B, B] (anchor, positive, negative) tensor. Skipped, with
-                 the estimated need printed, where the estimate exceeds
-                 --naive_max_gb (default: half of MemAvailable at start).
-                 Not run for "hard": batch-hard is naturally O(B^2), so its
-                 naive form is the implementation itself.
-  * PyTorch CPU  batch-all ("all" and "all_active") with the same per-offset
-                 algorithm in eager PyTorch with autograd (forward + backward).
-                 Optional: `pip install torch==2.13.0` (the `bench` extra).
-
-Timing: median wall time of --repeats calls after the compiling call and one
-more warm-up call, each ending in `block_until_ready` (PyTorch: after
-`backward()` returns). Ratios are naive / jaxface and torch / jaxface (> 1:
-jaxface is faster).
-
-Peak memory: every (implementation, strategy, B) runs in a fresh subprocess
-that reports its own `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak
-resident set size: arrays, XLA compilation and the runtime) just before
-exiting. JAX offers no memory statistics on CPU (`memory_stats()` is None),
-so RSS is the only reliable figure. The table shows peak RSS; the baseline
-(imports plus input arrays, no computation) is printed per framework so it
-can be subtracted.
-
-Threads: --threads (default 1) caps both frameworks (OMP_NUM_THREADS and
-torch.set_num_threads for PyTorch; XLA_FLAGS intra-op threads for JAX).
-On a shared machine PyTorch's OpenMP barriers collapse when the cores are
-oversubscribed (measured: 0.6 s instead of 1.7 ms at B = 256 with 2 threads on
-2 busy cores), which would make the comparison meaningless; --threads 0
-keeps each library's default.
-
-The "check" columns give |loss - loss_jaxface| / |loss_jaxface| on identical
-inputs, a guard that the compared programs compute the same loss.
+For each batch size B = min_b, 2 * min_b, ..., max_b (P x K batches of unit-norm
+[B, --dim] float32 embeddings) and each strategy, it times the jitted
+`value_and_grad` of jaxface's `triplet_loss` (O(B^2 * K) time, O(B^2) memory),
+the naive [B, B, B] formulation and PyTorch's batch-all (optional: the `bench`
+extra), each in a fresh subprocess. Ratios are naive / jaxface and torch /
+jaxface (> 1: jaxface is faster).
 """
 
 from __future__ import annotations
@@ -52,16 +21,13 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-STRATEGIES = ("all", "all_active", "hard", "semihard")
 NAIVE_STRATEGIES = ("all", "all_active", "semihard")
 TORCH_STRATEGIES = ("all", "all_active")
 # Bytes per (anchor, positive, negative) element the naive formulation keeps
-# alive at peak (values, masks, gradient). Measured peak RSS minus baseline at
-# B = 512 on XLA:CPU was 4.7 ("all"), 8.2 ("all_active") and 9.4 ("semihard")
-# bytes per element; ~25% headroom on top.
+# alive at peak (values, masks, gradient): the measured peak RSS per element
+# (BUILD.md, "Triplet loss") with ~25% headroom on top.
 NAIVE_BYTES_PER_TRIPLET = {"all": 6, "all_active": 10, "semihard": 12}
 TORCH_HINT = "pip install torch==2.13.0"
 
@@ -93,7 +59,12 @@ def _inputs(b: int, dim: int, k: int, seed: int = 0):
 
 
 def _naive_loss(x, y, margin: float, strategy: str):
-  """Triplet loss through the full [B, B, B] tensor (reference only)."""
+  """Triplet loss through the full [B, B, B] (anchor, positive, negative) tensor (reference only).
+
+  Skipped, with the estimated need printed, where the estimate exceeds
+  --naive_max_gb (default: half of MemAvailable at start). Not run for "hard":
+  batch-hard is naturally O(B^2), so its naive form is the implementation itself.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -162,7 +133,17 @@ def _torch_batch_all(x, y, margin: float, strategy: str):
 
 
 def _worker(impl: str, strategy: str, b: int, args) -> dict:
-  """Runs one configuration in this (fresh) process; returns the record."""
+  """Runs one configuration in this (fresh) process; returns the record.
+
+  Timing: median wall time of --repeats calls after the compiling call and one
+  more warm-up call, each ending in `block_until_ready` (PyTorch: after
+  `backward()` returns). Peak memory: this process's
+  `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak resident set size: arrays,
+  XLA compilation and the runtime) just before exiting; JAX offers no memory
+  statistics on CPU (`memory_stats()` is None), so RSS is the only reliable
+  figure. The baseline (imports plus input arrays, no computation) is recorded
+  so it can be subtracted.
+  """
   x_np, y_np = _inputs(b, args.dim, args.k)
   if impl == "torch":
     import torch  # pylint: disable=g-import-not-at-top
@@ -179,6 +160,7 @@ def _worker(impl: str, strategy: str, b: int, args) -> dict:
       return float(loss.detach()), x.grad
   else:
     import jax  # pylint: disable=g-import-not-at-top
+
     from jaxface.losses import triplet_loss  # pylint: disable=g-import-not-at-top
     x = jax.device_put(x_np)
     y = jax.device_put(y_np)
@@ -212,6 +194,14 @@ def _worker(impl: str, strategy: str, b: int, args) -> dict:
 
 
 def _run_child(impl: str, strategy: str, b: int, args) -> dict:
+  """Runs one (implementation, strategy, B) in a fresh subprocess; returns its record.
+
+  --threads (default 1) caps both frameworks (OMP_NUM_THREADS and
+  torch.set_num_threads for PyTorch; XLA_FLAGS intra-op threads for JAX): on a
+  shared machine PyTorch's OpenMP barriers collapse when the cores are
+  oversubscribed (BUILD.md, "Triplet loss"), which would make the comparison
+  meaningless; --threads 0 keeps each library's default.
+  """
   cmd = [sys.executable, "-m", "experiments.bench.triplet_loss",
          f"--worker={impl}:{strategy}:{b}", f"--repeats={args.repeats}",
          f"--dim={args.dim}", f"--k={args.k}", f"--margin={args.margin}",
@@ -245,7 +235,7 @@ def _mem_available_gb() -> float:
 
 def _torch_available() -> bool:
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
   return True
@@ -274,6 +264,8 @@ def _ratio(rec: dict | None, ref: dict) -> str:
 
 
 def _check(rec: dict | None, ref: dict) -> str:
+  """|loss - loss_jaxface| / |loss_jaxface| on identical inputs: a guard that the compared
+  programs compute the same loss."""
   if rec is None or "loss" not in rec or "loss" not in ref:
     return "-"
   return f"{abs(rec['loss'] - ref['loss']) / max(abs(ref['loss']), 1e-12):.0e}"
@@ -281,7 +273,8 @@ def _check(rec: dict | None, ref: dict) -> str:
 
 flags.DEFINE_integer("min_b", 128, "smallest batch size", lower_bound=1)
 flags.DEFINE_integer("max_b", 2048, "largest batch size (powers of two from --min_b)", lower_bound=1)
-flags.DEFINE_list("strategies", list(STRATEGIES), "strategies to time")
+flags.DEFINE_list("strategies", None, "strategies to time (default: every one of "
+                  "jaxface.losses.STRATEGIES)")
 flags.DEFINE_integer("repeats", 5, "timed calls per configuration", lower_bound=1)
 flags.DEFINE_integer("dim", 128, "embedding length", lower_bound=1)
 flags.DEFINE_integer("k", 4, "images per identity", lower_bound=1)
@@ -304,7 +297,8 @@ def main(argv) -> None:
     print(json.dumps(_worker(impl, strategy, int(b), args)), flush=True)
     return
 
-  strategies = [s for s in args.strategies if s]
+  from jaxface.losses.triplet import STRATEGIES  # the loss owns them (imports JAX: after parsing)
+  strategies = [s for s in (args.strategies or STRATEGIES) if s]
   bad = [s for s in strategies if s not in STRATEGIES]
   if bad:
     raise app.UsageError(f"--strategies: unknown {bad}, expected {STRATEGIES}")

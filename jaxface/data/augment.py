@@ -2,16 +2,9 @@
 
 Samples of any spatial rank are handled, channels last: images [H, W, C],
 1-D signals [T, C] and 3-D volumes [D, H, W, C]; the rank is the length of
-``crop_size``. Crop, flip (of the last spatial axis), brightness (an offset),
-contrast (an amplitude scale about the per-channel mean) and additive
-Gaussian noise work for every rank; zoom/rotation and random erasing are
-image-only and rejected for other ranks. Flipping a signal reverses time,
-which is rarely label-preserving: the training config rejects it for 1-D.
-
-Everything here is shape-static: crop size and the jitter strengths are Python
-constants (static under jit), so a training loop compiles the augmentation once.
-Each image gets its own key (``jax.random.split(rng, B)``), so ``augment`` on a
-batch equals ``augment_single`` applied image by image with those keys.
+``crop_size``. Zoom/rotation and random erasing are image-only and rejected for
+other ranks. Flipping a signal reverses time, which is rarely label-preserving:
+the training config rejects it for 1-D.
 """
 
 from __future__ import annotations
@@ -226,6 +219,11 @@ def augment(
     noise: float = 0.0,
 ) -> jax.Array:
   """Per-image random augmentation of a batch (jitted; see ``augment_single``).
+
+  Shape-static: crop size and the jitter strengths are Python constants (static
+  under jit), so a training loop compiles the augmentation once. Each image gets
+  its own key, so ``augment`` on a batch equals ``augment_single`` applied image by
+  image with those keys.
 
   Args:
     rng: PRNG key; image i uses ``jax.random.split(rng, B)[i]``.

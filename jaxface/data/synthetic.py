@@ -1,20 +1,9 @@
 """Procedural face-like identities for tests and quick experiments.
 
-Each identity is a fixed set of shape and colour parameters (head, hair, ears,
-eyes, brows, nose, mouth, optional glasses and beard) drawn from
-``SeedSequence([seed, identity, 0])``; each image of it adds nuisance drawn from
-``[seed, identity, 1]`` and pixel noise from ``[seed, identity, 2]``: pose
-(shift, rotation, scale, a yaw-like sideways shift of the features),
-expression (mouth opening and smile, eye opening, brow raise), lighting
-(brightness, gradient, tint), a random background and Gaussian noise. So an
-identity looks the same whatever ``num_identities`` is, and its first k images
-do not depend on ``images_per_identity``.
-
-Rendering is vectorized NumPy: every part is a soft mask computed from an
-approximate signed distance over a per-image coordinate grid, and parts are
-alpha-composited in order. The pieces are written for a coordinate grid of any
-rank (``_grid`` and ``_ellipse_sdf`` take N-D coordinates), so 1-D signals or
-3-D volumes could reuse the identity/nuisance/render split later.
+:func:`synthetic_faces` draws each identity's shape and colour parameters and
+each image's nuisance (pose, expression, lighting, background, noise) from
+seeded streams, so an identity looks the same whatever the number of identities
+or images; rendering is vectorized NumPy.
 """
 
 from __future__ import annotations
@@ -28,6 +17,9 @@ from jaxface.data.source import ArraySource
 _CHUNK_PIXELS = 1 << 18
 
 
+# Rendering: every part is a soft mask computed from an approximate signed distance over
+# a per-image coordinate grid, and parts are alpha-composited in order. The pieces take a
+# grid of any rank (_grid, _ellipse_sdf), so other ranks could reuse this split later.
 def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
   """Pixel-centre coordinates in [-1, 1] along each axis. len(shape) arrays, each of ``shape``."""
   axes = [(np.arange(n, dtype=np.float32) + 0.5) / n * 2.0 - 1.0 for n in shape]
@@ -212,6 +204,16 @@ def synthetic_faces(
     seed: int = 0,
 ) -> ArraySource:
   """Procedurally generated face-like images of ``num_identities`` people.
+
+  Each identity is a fixed set of shape and colour parameters (head, hair, ears,
+  eyes, brows, nose, mouth, optional glasses and beard) drawn from
+  ``SeedSequence([seed, identity, 0])``; each image of it adds nuisance drawn from
+  ``[seed, identity, 1]`` and pixel noise from ``[seed, identity, 2]``: pose
+  (shift, rotation, scale, a yaw-like sideways shift of the features),
+  expression (mouth opening and smile, eye opening, brow raise), lighting
+  (brightness, gradient, tint), a random background and Gaussian noise. So an
+  identity looks the same whatever ``num_identities`` is, and its first k images
+  do not depend on ``images_per_identity``.
 
   Args:
     num_identities: number of identities (named ``synthetic_0000``, ...).

@@ -5,27 +5,8 @@ parameters drawn from ``SeedSequence([seed, identity, 0, tag])``; each sample
 of it adds nuisance drawn from ``[seed, identity, 1, tag]`` and noise from
 ``[seed, identity, 2, tag]`` (``tag`` keeps signal, volume and face streams
 apart). So an identity looks the same whatever ``num_identities`` is, and its
-first k samples do not depend on ``images_per_identity``.
-
-Signals (``synthetic_signals``, [N, T, C] uint8). An identity is a heartbeat
-template: five Gaussian waves (P, Q, R, S, T, in that order within a beat)
-whose positions, widths and heights are the identity's, a heart rate (beat
-period) and, for C > 1, per-lead gains of each wave. A sample is the
-template repeated at the identity's rate, starting at a random phase, with a
-random rate jitter (+-4%), amplitude (x0.75..1.25), baseline offset and
-wander (a slow sinusoid) and Gaussian noise. Values are stored as 8-bit
-codes, ``uint8 = round(255 * (0.3 + 0.35 * x))`` clipped, i.e. an 8-bit ADC
-with a mid-scale baseline.
-
-Volumes (``synthetic_volumes``, [N, D, H, W, C] uint8). An identity is an
-arrangement of five soft-edged ellipsoidal blobs (centres, radii per axis and
-per-channel intensities). A sample places the arrangement with a random
-shift (+-0.1 of the half-width per axis), rotation in the H-W plane
-(+-15 degrees, as a patient lies differently in a scanner), scale
-(x0.92..1.08) and per-blob displacement (0.02), over a random background
-level, with an intensity scale and Gaussian noise.
-
-Rendering is vectorized NumPy over chunks of samples.
+first k samples do not depend on ``images_per_identity``. Rendering is
+vectorized NumPy over chunks of samples.
 """
 
 from __future__ import annotations
@@ -107,7 +88,16 @@ def synthetic_signals(
     channels: int = 1,
     seed: int = 0,
 ) -> ArraySource:
-  """EKG-like 1-D signals of ``num_identities`` identities (see the module docstring).
+  """EKG-like 1-D signals of ``num_identities`` identities.
+
+  An identity is a heartbeat template: five Gaussian waves (P, Q, R, S, T, in that
+  order within a beat) whose positions, widths and heights are the identity's, a
+  heart rate (beat period) and, for C > 1, per-lead gains of each wave. A sample is
+  the template repeated at the identity's rate, starting at a random phase, with a
+  random rate jitter (+-4%), amplitude (x0.75..1.25), baseline offset and wander (a
+  slow sinusoid) and Gaussian noise. Values are stored as 8-bit codes,
+  ``uint8 = round(255 * (0.3 + 0.35 * x))`` clipped, i.e. an 8-bit ADC with a
+  mid-scale baseline.
 
   Args:
     num_identities: number of identities (named ``signal_0000``, ...).
@@ -201,7 +191,14 @@ def synthetic_volumes(
     channels: int = 1,
     seed: int = 0,
 ) -> ArraySource:
-  """CT-like 3-D volumes of ``num_identities`` blob arrangements (see the module docstring).
+  """CT-like 3-D volumes of ``num_identities`` blob arrangements.
+
+  An identity is an arrangement of five soft-edged ellipsoidal blobs (centres,
+  radii per axis and per-channel intensities). A sample places the arrangement
+  with a random shift (+-0.1 of the half-width per axis), rotation in the H-W
+  plane (+-15 degrees, as a patient lies differently in a scanner), scale
+  (x0.92..1.08) and per-blob displacement (0.02), over a random background level,
+  with an intensity scale and Gaussian noise.
 
   Args:
     num_identities: number of identities (named ``volume_0000``, ...).

@@ -1,13 +1,8 @@
 """Prepared TensorFlow Datasets read through ``tfds.data_source`` (no TensorFlow needed).
 
-``tfds.data_source`` gives random access to a dataset prepared in the
-ArrayRecord format, decoding records with NumPy and PIL only. Labels are read
-once up front (with image decoding skipped), so a sampler can plan batches;
-images are decoded when ``get`` asks for them. The data source is a plain
-random-access sequence, so it could also be wrapped in a ``grain.MapDataset``
-for prefetching; plain indexing is all this class needs.
-
-Preparing a dataset needs TensorFlow once::
+``tfds.data_source`` gives random access to a dataset prepared in the ArrayRecord
+format, decoding records with NumPy and PIL only (:class:`TfdsSource`). Preparing
+a dataset needs TensorFlow once::
 
     pip install 'jaxface[tfds-prepare]'
     tfds build lfw --data_dir=DIR --file_format=array_record
@@ -17,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+
 import numpy as np
 
 from jaxface import paths
-from jaxface.data.folder import _check_channels, _check_size, conform_array
+from jaxface.data.conform import check_channels, check_size, conform_array
 from jaxface.data.source import ImageSource, natural_order
 
 _log = logging.getLogger(__name__)
@@ -115,6 +111,11 @@ def _labels_from_values(values: list, class_names: list[str] | None, name: str
 class TfdsSource(ImageSource):
   """Images and identity labels of a prepared TFDS dataset.
 
+  Labels are read once up front (with image decoding skipped), so a sampler can
+  plan batches; images are decoded when ``get`` asks for them. The data source is
+  a plain random-access sequence, so it could also be wrapped in a
+  ``grain.MapDataset`` for prefetching; plain indexing is all this class needs.
+
   Args:
     name: TFDS dataset name, e.g. "lfw" (label: person name) or "mnist".
     split: split spec, e.g. "train" or "train[:80%]".
@@ -142,9 +143,9 @@ class TfdsSource(ImageSource):
       image_size: tuple[int, int] | None = None,
       channels: int = 3,
   ):
-    _check_channels(channels)
+    check_channels(channels)
     self.channels = channels
-    self.image_size = _check_size(image_size)
+    self.image_size = check_size(image_size)
     self.image_shape = None
     self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
     self.data_dir = paths.expand(os.fspath(data_dir)) if data_dir is not None else None

@@ -1,8 +1,6 @@
 """Face pipeline on real photos: dlib's CC0 models (detector, 5-point landmarks, 128-D ResNet) in JAX.
 
-One call per stage, each accepting what :func:`jaxface.images.load_image`
-accepts (a path, a PIL image, an array; grayscale, RGBA, 16-bit and
-EXIF-rotated inputs are normalized to uint8 RGB)::
+One call per stage, each accepting what :func:`load_image` accepts::
 
   from jaxface import faces
   boxes = faces.detect("photo.jpg")            # int64 [N, 4] (left, top, right, bottom)
@@ -13,34 +11,22 @@ EXIF-rotated inputs are normalized to uint8 RGB)::
     ...
   faces.distance(emb[0], emb[1]) <= faces.SAME_PERSON_THRESHOLD  # dlib's rule: 0.6
 
-Every stage decodes its input with the default pixel limit
-(``$JAXFACE_MAX_IMAGE_PIXELS``, else 178,956,970); to open a larger photo, set
-that variable, or load it first (``img = faces.load_image(path, max_pixels=...)``)
-and pass the array. No face is a result, not an error: empty arrays (``[0, 4]``, ``[0, 5, 2]``,
-``[0, 150, 150, 3]``, ``[0, 128]``) and an empty list from ``encode``.
-
-The models are converted from the ``face-recognition-models`` package once
-(cached on disk by :mod:`jaxface.pretrained`) and loaded lazily, once per
-process, on first use; ``import jaxface.faces`` itself imports neither JAX nor
-the model code.
-
-Naming: the functions ``landmarks`` and ``chips`` share their names with the
-submodules :mod:`jaxface.faces.landmarks` and :mod:`jaxface.faces.chips`.
-Both work: ``faces.landmarks(image, boxes)`` calls the pipeline stage, and
-attribute access on it (``faces.landmarks.predict``,
-``faces.chips.extract``) reaches the submodule, so either reading of
-``jaxface.faces.landmarks`` does what it says.
+No face is a result, not an error: empty arrays and an empty list from ``encode``.
+The models load lazily on first use; ``import jaxface.faces`` imports neither JAX
+nor the model code. The stages live in private submodules (``_landmarks``,
+``_chips``; ``detector`` and ``nms``), so ``faces.landmarks`` and ``faces.chips``
+are the pipeline functions only.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 import threading
-import types
 from typing import Any
 
 import numpy as np
+
+from jaxface import images
 
 __all__ = [
     "SAME_PERSON_THRESHOLD", "CHIP_SIZE", "EMBEDDING_DIM",
@@ -58,6 +44,8 @@ _MODELS_LOCK = threading.Lock()
 
 
 def _model(key: str) -> Any:
+  """The model ``key``, loaded lazily once per process (converted from the
+  ``face-recognition-models`` package once and cached on disk by :mod:`jaxface.pretrained`)."""
   model = _MODELS.get(key)
   if model is not None:
     return model
@@ -66,7 +54,7 @@ def _model(key: str) -> Any:
       if key == "detector":
         _MODELS[key] = importlib.import_module("jaxface.faces.detector").load_face_detector()
       elif key == "shape5":
-        _MODELS[key] = importlib.import_module("jaxface.faces.landmarks").load_shape_predictor()
+        _MODELS[key] = importlib.import_module("jaxface.faces._landmarks").load_shape_predictor()
       elif key == "encoder":
         _MODELS[key] = importlib.import_module("jaxface.pretrained").face_encoder()
       else:  # pragma: no cover - internal keys only
@@ -81,8 +69,13 @@ def clear_models() -> None:
 
 
 def load_image(src: Any, **kwargs: Any) -> np.ndarray:
-  """:func:`jaxface.images.load_image` (uint8 [H, W, 3] RGB from a path, PIL image or array)."""
-  from jaxface import images
+  """:func:`jaxface.images.load_image` (uint8 [H, W, 3] RGB from a path, PIL image or array).
+
+  Every stage decodes its input this way, with the default pixel limit
+  (``$JAXFACE_MAX_IMAGE_PIXELS``, else 178,956,970); to open a larger photo, set
+  that variable, or load it first (``img = faces.load_image(path, max_pixels=...)``)
+  and pass the array.
+  """
   return images.load_image(src, **kwargs)
 
 
@@ -142,7 +135,7 @@ def detect(image: Any, *, upsample: int = 1, threshold: float = 0.0,
   return (boxes, scores) if return_scores else boxes
 
 
-def _landmarks(image: Any, boxes: Any) -> np.ndarray:
+def landmarks(image: Any, boxes: Any) -> np.ndarray:
   """5-point landmarks (dlib's ``shape_predictor_5_face_landmarks``) for each box.
 
   Args:
@@ -161,11 +154,11 @@ def _landmarks(image: Any, boxes: Any) -> np.ndarray:
   if b.shape[0] == 0:
     return np.zeros((0, 5, 2), np.int64)
   sp = _model("shape5")
-  lm = importlib.import_module("jaxface.faces.landmarks")
+  lm = importlib.import_module("jaxface.faces._landmarks")
   return np.asarray(lm.predict(sp, img, b), np.int64).reshape(-1, 5, 2)
 
 
-def _chips(image: Any, landmarks: Any, *, size: int = CHIP_SIZE, padding: float = 0.25) -> np.ndarray:
+def chips(image: Any, landmarks: Any, *, size: int = CHIP_SIZE, padding: float = 0.25) -> np.ndarray:
   """Aligned face chips (dlib's ``get_face_chip``): 150x150, padding 0.25 by default.
 
   Args:
@@ -183,7 +176,7 @@ def _chips(image: Any, landmarks: Any, *, size: int = CHIP_SIZE, padding: float 
   img = _rgb(image)
   if pts.shape[0] == 0:
     return np.zeros((0, int(size), int(size), 3), np.uint8)
-  ch = importlib.import_module("jaxface.faces.chips")
+  ch = importlib.import_module("jaxface.faces._chips")
   return np.asarray(ch.extract(img, pts, size=int(size), padding=float(padding)), np.uint8)
 
 
@@ -210,7 +203,8 @@ def embed(chips: Any) -> np.ndarray:
   return np.asarray(_model("encoder")(arr), np.float32)
 
 
-def encode(image: Any, *, upsample: int = 1, threshold: float = 0.0) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+def encode(image: Any, *, upsample: int = 1,
+           threshold: float = 0.0) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
   """Every face in `image`: detect -> landmarks -> chips -> embed.
 
   Args:
@@ -226,7 +220,7 @@ def encode(image: Any, *, upsample: int = 1, threshold: float = 0.0) -> list[tup
   boxes = detect(img, upsample=upsample, threshold=threshold)
   if boxes.shape[0] == 0:
     return []
-  emb = embed(_chips(img, _landmarks(img, boxes)))
+  emb = embed(chips(img, landmarks(img, boxes)))
   return [(tuple(int(v) for v in box), e) for box, e in zip(boxes, emb)]
 
 
@@ -236,67 +230,3 @@ def distance(a: Any, b: Any) -> np.ndarray:
   if x.shape[-1:] != (EMBEDDING_DIM,) or y.shape[-1:] != (EMBEDDING_DIM,):
     raise ValueError(f"distance: expected [..., {EMBEDDING_DIM}] descriptors, got {x.shape} and {y.shape}")
   return np.sqrt(np.sum((x - y) ** 2, axis=-1, dtype=np.float32))
-
-
-# --------------------------------------------------------------------------
-# `landmarks` / `chips`: functions that also stand for the submodules of the same name
-# --------------------------------------------------------------------------
-
-
-class _StageFunction:
-  """A pipeline function that forwards attribute access to its namesake submodule."""
-
-  def __init__(self, fn, submodule: str):
-    object.__setattr__(self, "_fn", fn)
-    object.__setattr__(self, "_submodule", submodule)
-    for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
-      object.__setattr__(self, attr, getattr(fn, attr))
-    object.__setattr__(self, "__qualname__", submodule.rsplit(".", 1)[1])
-    object.__setattr__(self, "__name__", submodule.rsplit(".", 1)[1])
-    object.__setattr__(self, "__wrapped__", fn)
-
-  def __call__(self, *args, **kwargs):
-    return self._fn(*args, **kwargs)
-
-  def _module(self) -> types.ModuleType:
-    return importlib.import_module(self._submodule)
-
-  def __getattr__(self, name: str):  # only called for attributes not found on the proxy
-    if name.startswith("__") and name.endswith("__"):
-      raise AttributeError(name)
-    return getattr(self._module(), name)
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    setattr(self._module(), name, value)  # e.g. monkeypatching the submodule
-
-  def __delattr__(self, name: str) -> None:
-    delattr(self._module(), name)
-
-  def __dir__(self):
-    return sorted(set(dir(self._module())))
-
-  def __repr__(self) -> str:
-    return f"<jaxface.faces.{self.__name__}: pipeline function and module {self._submodule!r}>"
-
-
-landmarks = _StageFunction(_landmarks, __name__ + ".landmarks")
-chips = _StageFunction(_chips, __name__ + ".chips")
-_STAGES = {"landmarks": landmarks, "chips": chips}
-
-
-class _FacesPackage(types.ModuleType):
-  """Keeps ``landmarks``/``chips`` bound to the stage functions.
-
-  Importing a submodule makes Python set the parent package's attribute of
-  the same name to the module object; that would replace the callable API
-  function. The stage function already forwards to the submodule, so that
-  assignment is dropped (the module itself stays in ``sys.modules``).
-  """
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    if name in _STAGES and isinstance(value, types.ModuleType):
-      return
-    super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _FacesPackage

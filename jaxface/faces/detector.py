@@ -1,54 +1,23 @@
 """dlib's MMOD CNN face detector (``mmod_human_face_detector.dat``) in JAX.
 
-Pipeline (what dlib's ``cnn_face_detection_model_v1`` computes):
-
-1. optional 2x upsampling of the image (``upsample`` steps, dlib's
-   ``pyramid_up``: size ``(2h + 1, 2w + 2)``, bilinear, truncated to uint8);
-2. input normalization ``(pixel - mean_rgb) / 256`` and dlib's *tiled* image
-   pyramid: every level is ``floor(5/6 * size)`` of the previous one (levels
-   stop below 5 rows), resized bilinearly from the previous level and laid out
-   in one image -- a first column of levels 10 px apart, the remaining small
-   levels stacked upwards at the right edge of the free space, 11 px of zeros
-   around everything;
-3. the CNN, once, on the tiled image: three 5x5 stride-2 convs (16, 32, 32)
-   and three 5x5 convs (45), each followed by the batch-norm affine and ReLU,
-   then a 9x9 conv to one score channel (score map at 1/8 resolution);
-4. every score-map position with score > ``threshold`` becomes the 80x80
-   window centred on its receptive-field centre ``8 * pos + 14`` in the tiled
-   image; the window is assigned to the nearest pyramid level and mapped back
-   to image coordinates (``p -> 1.2 p + 0.3`` per level) and rounded;
-5. greedy NMS with dlib's overlap rule (:mod:`jaxface.faces.nms`).
-
-Speed: the CNN is jitted; the tiled image is zero-padded to a *bucket* shape
-(8 buckets per octave in each dimension), so images of similar size share one
-compiled program. The padding cannot change the result: each padded
-convolution's input is masked to the region dlib's smaller image would have
-(dlib zero-pads there), so scores on the valid region are the ones dlib's
-tensor shape gives. The valid sizes are traced arguments (no recompiles).
-
-Precision: convolutions request ``lax.Precision.HIGHEST`` (full float32) so
-GPU/TPU do not fall back to TF32/bf16 passes, which would move scores near the
-threshold (not measured here; CPU is always full float32).
-
-Speed on CPU: the CNN is compiled with XLA's YNN fusion off (per executable,
-see :func:`_xla_options`); with it on, 512x512 took ~2x longer on 2 cores.
+:class:`FaceDetector` (built by :func:`load_face_detector` from the converted,
+cached weights) reproduces dlib's ``cnn_face_detection_model_v1``: upsampling,
+the tiled image pyramid, the score CNN (:class:`MMODNet`), windows mapped back
+to the image, and dlib's NMS. Its docstring gives the pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxface import xla_options
+from jaxface import jit_cache, xla_options
 from jaxface.faces import nms as _nms
-
-CONVERTER_VERSION = "mmod-v1"
 
 # dlib's input_rgb_image_pyramid<pyramid_down<6>> defaults.
 PYRAMID_N = 6  # each level is (N-1)/N of the previous one
@@ -61,79 +30,12 @@ MAX_UPSAMPLE = 4
 MAX_TILED_PIXELS = 120_000_000
 
 
-# --------------------------------------------------------------------------- conversion
-
-
-def convert(path: str) -> dict:
-  """Parses the MMOD ``.dat`` file -> nested dict for :func:`jaxface.pretrained.cached`.
-
-  Batch norm is turned into the inference affine dlib uses
-  (``scale = gamma / sqrt(var + eps)``, ``shift = beta - scale * mean``);
-  convolutions keep dlib's OIHW filter layout here.
-
-  Raises:
-    DlibFormatError: the file is not the expected MMOD network (names the
-      file and the byte offset of the offending record).
-  """
-  from jaxface.formats.dlib import DlibFormatError, read_network
-  net = read_network(path, expect_loss=("loss_mmod_",))
-  if net.input != "input_rgb_image_pyramid":
-    raise DlibFormatError(path, 0, f"expected an input_rgb_image_pyramid network, found {net.input}")
-  convs: list[dict[str, Any]] = []
-  layers = net.layers
-  i = 0
-  while i < len(layers):
-    layer = layers[i]
-    if layer.kind != "con":
-      raise DlibFormatError(path, layer.offset,
-                            f"expected a convolution at layer {i}, found {layer.name!r}")
-    filters = np.asarray(layer.params["filters"], np.float32)
-    out_ch = filters.shape[0]
-    bias = np.asarray(layer.params.get("bias", np.zeros(out_ch, np.float32)), np.float32)
-    scale = np.ones(out_ch, np.float32)
-    shift = np.zeros(out_ch, np.float32)
-    relu = False
-    i += 1
-    if i < len(layers) and layers[i].kind in ("bn", "affine"):
-      p = layers[i].params
-      if p["gamma"].shape != (out_ch,):
-        raise DlibFormatError(path, layers[i].offset,
-                              f"{layers[i].name} has {p['gamma'].shape[0]} channels, "
-                              f"the convolution before it {out_ch}")
-      if layers[i].kind == "bn":
-        eps = float(layers[i].attrs["eps"])
-        scale = (p["gamma"] / np.sqrt(p["running_var"] + eps)).astype(np.float32)
-        shift = (p["beta"] - scale * p["running_mean"]).astype(np.float32)
-      else:
-        scale, shift = p["gamma"].astype(np.float32), p["beta"].astype(np.float32)
-      i += 1
-    if i < len(layers) and layers[i].kind == "relu":
-      relu = True
-      i += 1
-    if convs and convs[-1]["filters"].shape[0] != filters.shape[1]:
-      raise DlibFormatError(path, layer.offset, f"convolution {len(convs)} takes {filters.shape[1]} "
-                            f"channels, the previous one gives {convs[-1]['filters'].shape[0]}")
-    convs.append({"filters": filters, "bias": bias, "scale": scale, "shift": shift,
-                  "stride": list(layer.attrs["stride"]), "padding": list(layer.attrs["padding"]),
-                  "relu": relu})
-  if not convs or convs[0]["filters"].shape[1] != 3 or convs[-1]["filters"].shape[0] != 1:
-    raise DlibFormatError(path, 0, "expected a 3-channel input and a single score channel")
-  a = net.loss_attrs
-  return {
-      "convs": {f"{k:02d}": c for k, c in enumerate(convs)},
-      "mean_rgb": np.asarray(net.input_attrs["mean_rgb"], np.float32),
-      "window": [int(a["window_width"]), int(a["window_height"])],
-      "nms_iou_threshold": float(a["nms_iou_threshold"]),
-      "nms_covered_threshold": float(a["nms_percent_covered_threshold"]),
-  }
-
-
 # --------------------------------------------------------------------------- the CNN
 
 
 def _on_device(x) -> jax.Array:
   """``jnp.asarray(x)`` for a host array, without compiling a copy kernel per shape
-  (``jnp.asarray`` of a NumPy array does on jax 0.10: ~10 ms per new shape at load)."""
+  (``jnp.asarray`` of a NumPy array does on jax 0.10; cost: BUILD.md, "dlib face pipeline")."""
   a = np.asarray(x)
   dtype = jax.dtypes.canonicalize_dtype(a.dtype)  # float64 -> float32 etc. without x64
   return jax.device_put(np.ascontiguousarray(a, dtype=dtype))
@@ -152,6 +54,8 @@ class _ConvAffine(nnx.Module):
     self.relu = bool(relu)
 
   def __call__(self, x):
+    # HIGHEST (full float32) so that GPU/TPU do not fall back to TF32/bf16 passes, which
+    # would move scores near the threshold (not measured here; CPU is always full float32).
     y = jax.lax.conv_general_dilated(
         x, self.kernel[...], window_strides=self.stride,
         padding=[(self.padding[0], self.padding[0]), (self.padding[1], self.padding[1])],
@@ -231,32 +135,6 @@ _YNN_OPTION = xla_options.YNN_OPTION
 _xla_options = xla_options.cpu_compiler_options  # see jaxface/xla_options.py
 
 
-class _LazyJit:
-  """``jax.jit(fun)`` built on first call, with :func:`_xla_options` when they apply
-  (deciding needs the backend, which importing this module must not start)."""
-
-  def __init__(self, fun):
-    self.fun = fun
-    self.jitted = None
-
-  def __call__(self, *args):
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
-      return self.fun(*args)  # inside someone's trace: compiler options only apply at top level
-    if self.jitted is None:
-      options = _xla_options()
-      if options:
-        try:
-          self.jitted = jax.jit(self.fun, compiler_options=options)
-          return self.jitted(*args)
-        except Exception:  # an XLA build that rejects the option: plain jit below
-          self.jitted = None
-      self.jitted = jax.jit(self.fun)
-    return self.jitted(*args)
-
-  def _cache_size(self) -> int:
-    return 0 if self.jitted is None else self.jitted._cache_size()
-
-
 def _scores(graphdef, state, x, valid):
   return nnx.merge(graphdef, state)(x, valid)
 
@@ -266,8 +144,9 @@ def _scores_planes(graphdef, state, planes, valid):
   return nnx.merge(graphdef, state)(jnp.transpose(planes, (1, 2, 0))[None], valid)
 
 
-_scores_jit = _LazyJit(_scores)
-_scores_planes_jit = _LazyJit(_scores_planes)
+# Jitted on first call (the CPU compiler options need the backend, which importing must not start).
+_scores_jit = jit_cache.lazy_jit(_scores)
+_scores_planes_jit = jit_cache.lazy_jit(_scores_planes)
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -470,7 +349,14 @@ def rect_down2(boxes: np.ndarray, levels: int) -> np.ndarray:
 
 
 def bucket(n: int, minimum: int = 64) -> int:
-  """Rounds ``n`` up to one of 8 sizes per octave (multiples of 2**(floor(log2 n) - 3))."""
+  """Rounds ``n`` up to one of 8 sizes per octave (multiples of 2**(floor(log2 n) - 3)).
+
+  The tiled image is zero-padded to such a bucket shape in each dimension, so
+  images of similar size share one compiled program. The padding cannot change
+  the result: each padded convolution's input is masked to the region dlib's
+  smaller image would have (dlib zero-pads there; :class:`MMODNet`), and the
+  valid sizes are traced arguments (no recompiles).
+  """
   n = max(int(n), minimum)
   step = max(8, 1 << max(n.bit_length() - 4, 0))
   return -(-n // step) * step
@@ -490,6 +376,29 @@ class Candidates:
 class FaceDetector:
   """dlib's MMOD CNN face detector; ``detect(image) -> (boxes, scores)``.
 
+  Pipeline (what dlib's ``cnn_face_detection_model_v1`` computes):
+
+  1. optional 2x upsampling of the image (``upsample`` steps, dlib's
+     ``pyramid_up``: size ``(2h + 1, 2w + 2)``, bilinear, truncated to uint8);
+  2. input normalization ``(pixel - mean_rgb) / 256`` and dlib's *tiled* image
+     pyramid: every level is ``floor(5/6 * size)`` of the previous one (levels
+     stop below 5 rows), resized bilinearly from the previous level and laid out
+     in one image -- a first column of levels 10 px apart, the remaining small
+     levels stacked upwards at the right edge of the free space, 11 px of zeros
+     around everything;
+  3. the CNN, once, on the tiled image (jitted, padded to a :func:`bucket`
+     shape): three 5x5 stride-2 convs (16, 32, 32) and three 5x5 convs (45),
+     each followed by the batch-norm affine and ReLU, then a 9x9 conv to one
+     score channel (score map at 1/8 resolution);
+  4. every score-map position with score > ``threshold`` becomes the 80x80
+     window centred on its receptive-field centre ``8 * pos + 14`` in the tiled
+     image; the window is assigned to the nearest pyramid level and mapped back
+     to image coordinates (``p -> 1.2 p + 0.3`` per level) and rounded;
+  5. greedy NMS with dlib's overlap rule (:mod:`jaxface.faces.nms`).
+
+  On CPU the CNN is compiled with XLA's YNN fusion off (per executable, see
+  :func:`_xla_options`), which is faster (BUILD.md, "dlib face pipeline").
+
   Build with :func:`load_face_detector` (converted weights, cached) or
   :meth:`from_converted`. Holds the NNX network split once into
   ``graphdef`` and ``state``; the jitted score function merges them inside.
@@ -506,7 +415,7 @@ class FaceDetector:
     self.rf = receptive_field_map(self.geometry)
 
   @classmethod
-  def from_converted(cls, tree: dict) -> "FaceDetector":
+  def from_converted(cls, tree: dict) -> FaceDetector:
     convs = [tree["convs"][k] for k in sorted(tree["convs"])]
     net = MMODNet(convs)
     return cls(net, tree["mean_rgb"], tuple(tree["window"]), tree["nms_iou_threshold"],
@@ -626,5 +535,4 @@ def load_face_detector() -> FaceDetector:
       (the message says what to pip install).
   """
   from jaxface import pretrained
-  tree = pretrained.cached("mmod", CONVERTER_VERSION, convert)
-  return FaceDetector.from_converted(tree)
+  return FaceDetector.from_converted(pretrained.converted("mmod"))

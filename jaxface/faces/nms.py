@@ -3,18 +3,6 @@
 Boxes are dlib rectangles: ``int [N, 4]`` (left, top, right, bottom) with
 *inclusive* right/bottom, so a box's width is ``right - left + 1`` and a box
 with ``right < left`` (or ``bottom < top``) is empty (area 0).
-
-dlib's MMOD loss decides that two boxes overlap (``test_box_overlap``) when
-
-* intersection / area of the *bounding box of both* > ``iou_threshold``
-  (note: dlib divides by the smallest rectangle containing both boxes, not by
-  the area of their union), or
-* intersection / area of either box > ``covered_threshold`` (1.0 disables
-  this test, as in the face detector's file).
-
-Greedy NMS keeps the best-scoring box, drops every box overlapping it, and
-repeats; this equals dlib's "keep a box unless it overlaps a box already
-kept" scan over the boxes sorted by score.
 """
 
 from __future__ import annotations
@@ -64,7 +52,13 @@ def iou_matrix(a, b) -> np.ndarray:
 
 
 def overlap_matrix(a, b, iou_threshold: float, covered_threshold: float = 1.0) -> np.ndarray:
-  """dlib's ``test_box_overlap`` for every pair: ``[N, 4], [M, 4] -> bool [N, M]``."""
+  """dlib's ``test_box_overlap`` for every pair: ``[N, 4], [M, 4] -> bool [N, M]``.
+
+  Two boxes overlap when intersection / area of the *bounding box of both* >
+  ``iou_threshold`` (dlib divides by the smallest rectangle containing both
+  boxes, not by the area of their union), or intersection / area of either box
+  > ``covered_threshold`` (1.0 disables this test, as in the face detector's file).
+  """
   a = _as_boxes(a, "a")
   b = _as_boxes(b, "b")
   inner = _intersection(a, b)
@@ -84,7 +78,11 @@ def overlap_matrix(a, b, iou_threshold: float, covered_threshold: float = 1.0) -
 
 def nms(boxes, scores, iou_threshold: float, covered_threshold: float = 1.0,
         max_boxes: int | None = None) -> np.ndarray:
-  """Greedy NMS with dlib's overlap rule.
+  """Greedy NMS with dlib's overlap rule (:func:`overlap_matrix`).
+
+  Keeps the best-scoring box, drops every box overlapping it, and repeats; this
+  equals dlib's "keep a box unless it overlaps a box already kept" scan over the
+  boxes sorted by score.
 
   Args:
     boxes: ``int [N, 4]`` (left, top, right, bottom), inclusive.

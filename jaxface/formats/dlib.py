@@ -1,23 +1,8 @@
 """Reader for dlib's serialization format (the ``.dat`` model files), without dlib.
 
-Every read is bounds-checked against the bytes that remain, so a truncated,
-corrupted or unrelated file raises :class:`DlibFormatError` naming the file and
-the byte offset; no length field is trusted before it is checked against the
-file size, so a corrupt length can neither hang the reader nor allocate more
-memory than the file holds.
-
-Primitives (see ``../shared/specs/dlib-models.md``):
-
-* integer: one control byte (bit 7 = negative, low 4 bits = byte count 1..8),
-  then the magnitude little-endian;
-* bool: ASCII ``'1'`` / ``'0'``; string: integer length then bytes;
-* scalar float: integer mantissa then integer exponent, value = m * 2**e;
-* tensor: version integer (2 = with data, 1 = shape only), four integers
-  n, k, nr, nc, then n*k*nr*nc little-endian float32.
-
-Networks (``read_network``) come back as a flat list of :class:`Layer` records
-in forward order; the tag/skip wiring is not stored in the file and belongs to
-the model code that consumes the list.
+:class:`Reader` reads the primitives with every read bounds-checked, so a bad
+file raises :class:`DlibFormatError` naming the file and byte offset;
+:func:`read_network` parses a whole DNN file into :class:`Layer` records.
 """
 
 from __future__ import annotations
@@ -42,7 +27,23 @@ class DlibFormatError(ValueError):
 
 
 class Reader:
-  """Bounds-checked cursor over the bytes of one dlib file."""
+  """Bounds-checked cursor over the bytes of one dlib file.
+
+  Every read is checked against the bytes that remain, so a truncated,
+  corrupted or unrelated file raises :class:`DlibFormatError` naming the file and
+  the byte offset; no length field is trusted before it is checked against the
+  file size, so a corrupt length can neither hang the reader nor allocate more
+  memory than the file holds.
+
+  Primitives (see ``../shared/specs/dlib-models.md``):
+
+  * integer: one control byte (bit 7 = negative, low 4 bits = byte count 1..8),
+    then the magnitude little-endian;
+  * bool: ASCII ``'1'`` / ``'0'``; string: integer length then bytes;
+  * scalar float: integer mantissa then integer exponent, value = m * 2**e;
+  * tensor: version integer (2 = with data, 1 = shape only), four integers
+    n, k, nr, nc, then n*k*nr*nc little-endian float32.
+  """
 
   def __init__(self, data: bytes, path: str = "<bytes>"):
     self.data = memoryview(data)
@@ -362,6 +363,10 @@ _MAX_WRAPPERS = 10_000
 
 def read_network(path: str, *, expect_loss: tuple[str, ...] | None = None) -> Network:
   """Parses a dlib DNN file (embedding ResNet or MMOD detector) -> :class:`Network`.
+
+  The layers come back as a flat list of :class:`Layer` records in forward
+  order; the tag/skip wiring is not stored in the file and belongs to the
+  model code that consumes the list.
 
   Consumes every byte: trailing data is an error, as is any record that does
   not fit the bytes that remain.

@@ -1,31 +1,9 @@
 """Parser for dlib's shape predictor files (``shape_predictor_5_face_landmarks.dat``), without dlib.
 
-Layout (all records are dlib integers; a scalar float is two integers,
-mantissa then exponent, value = mantissa * 2**exponent):
-
-* version ``1``;
-* initial shape: a float column matrix (rows, cols as integers, negative in
-  the newer format, then rows*cols floats) holding x0, y0, x1, y1, ...;
-* forests: vector (length C) of vectors (length T) of regression trees; a tree
-  is a vector of splits (idx1, idx2, threshold float) and a vector of leaves
-  (each a float column matrix of the shape's size);
-* anchor indices: vector (C) of vectors (F) of integers (part index);
-* deltas: vector (C) of vectors (F) of 2-D float vectors (x, y).
-
-The 5-point model has C = 15 cascades of T = 500 depth-4 trees (15 splits, 16
-leaves of 10 floats) and F = 800 feature pixels, about 2.6 million integer
-records. Decoding those one at a time in Python is slow, so the whole file is
-tokenized at once with NumPy: every record here is an integer, and an integer's
-control byte gives its length, so the token start positions are the chain
-``p -> p + 1 + (byte[p] & 15)`` from the first byte, which pointer doubling
-enumerates in O(n log n) vectorized steps. The structure is then checked and
-sliced from the token array, one cascade at a time (trees must all share one
-shape, which every dlib model has).
-
-Errors are :class:`jaxface.formats.dlib.DlibFormatError` naming the file and
-the byte offset of the offending record; no count is trusted before it is
-checked against the number of records that remain, so corrupt input can
-neither hang the parser nor make it allocate more than the file's size.
+:func:`parse_shape_predictor` (bytes) and :func:`read_shape_predictor` (a path)
+return a :class:`ShapePredictorModel` of NumPy arrays; the whole file is
+tokenized at once with NumPy, and errors are
+:class:`jaxface.formats.dlib.DlibFormatError` naming the file and byte offset.
 """
 
 from __future__ import annotations
@@ -36,6 +14,9 @@ import os
 import numpy as np
 
 from jaxface.formats.dlib import DlibFormatError, Reader, read_file
+
+# Version of :func:`convert`'s output layout (part of the weight cache's key, jaxface.pretrained).
+CONVERTER_VERSION = "1"
 
 # Specials of dlib's scalar float encoding (exponent values), as in formats.dlib.
 _EXP_INF, _EXP_NINF, _EXP_NAN = 32000, 32001, 32002
@@ -74,7 +55,7 @@ class ShapePredictorModel:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
-  def from_dict(cls, d) -> "ShapePredictorModel":
+  def from_dict(cls, d) -> ShapePredictorModel:
     m = cls(initial_shape=np.asarray(d["initial_shape"], np.float32),
             split_idx=np.asarray(d["split_idx"], np.int32),
             thresholds=np.asarray(d["thresholds"], np.float32),
@@ -109,6 +90,12 @@ class ShapePredictorModel:
 
 def _token_starts(data: np.ndarray, start: int) -> np.ndarray:
   """Byte offsets of the chain of integer records from ``start`` to the end of ``data``.
+
+  Decoding millions of records one at a time in Python is slow, so the whole
+  file is tokenized at once with NumPy: an integer's control byte gives its
+  length, so the token start positions are the chain ``p -> p + 1 + (byte[p] & 15)``
+  from the first byte, which pointer doubling enumerates in O(n log n)
+  vectorized steps.
 
   Returns int64 [K] (the last one may overrun the data: the caller checks).
   """
@@ -262,7 +249,28 @@ _MAX_DEPTH = 16
 def parse_shape_predictor(data: bytes, path: str = "<bytes>") -> ShapePredictorModel:
   """Parses the bytes of a dlib shape predictor file -> :class:`ShapePredictorModel`.
 
-  Consumes every byte; raises DlibFormatError(path, offset, message) otherwise.
+  Layout (all records are dlib integers; a scalar float is two integers,
+  mantissa then exponent, value = mantissa * 2**exponent):
+
+  * version ``1``;
+  * initial shape: a float column matrix (rows, cols as integers, negative in
+    the newer format, then rows*cols floats) holding x0, y0, x1, y1, ...;
+  * forests: vector (length C) of vectors (length T) of regression trees; a tree
+    is a vector of splits (idx1, idx2, threshold float) and a vector of leaves
+    (each a float column matrix of the shape's size);
+  * anchor indices: vector (C) of vectors (F) of integers (part index);
+  * deltas: vector (C) of vectors (F) of 2-D float vectors (x, y).
+
+  The 5-point model has C = 15 cascades of T = 500 depth-4 trees (15 splits, 16
+  leaves of 10 floats) and F = 800 feature pixels, about 2.6 million integer
+  records: every record is tokenized at once (:func:`_token_starts`), then the
+  structure is checked and sliced from the token array, one cascade at a time
+  (trees must all share one shape, which every dlib model has).
+
+  Consumes every byte; raises DlibFormatError(path, offset, message) otherwise,
+  naming the byte offset of the offending record. No count is trusted before it
+  is checked against the number of records that remain, so corrupt input can
+  neither hang the parser nor make it allocate more than the file's size.
   """
   r = Reader(data, path)
   version = r.int("shape predictor version")
@@ -392,5 +400,6 @@ def read_shape_predictor(path: str | os.PathLike) -> ShapePredictorModel:
 
 
 def convert(path: str) -> dict[str, np.ndarray]:
-  """``pretrained.cached`` converter: file -> dict of NumPy arrays (see ShapePredictorModel)."""
+  """The weight cache's converter (``jaxface.pretrained.converted("shape5")``): file -> dict of
+  NumPy arrays (see ShapePredictorModel)."""
   return read_shape_predictor(path).to_dict()

@@ -1,33 +1,11 @@
 """Readers for the published VGG19 weight files, into one in-memory layout.
 
-Three files are supported, all holding the same 16 convolutions of VGG19
-(the fully connected classifier, when present, is ignored):
-
-* Keras ``vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5`` (HDF5, needs
-  ``h5py``): one group per layer ``block1_conv1``..``block5_conv4`` holding a
-  kernel (already ``[3, 3, Cin, Cout]`` HWIO for cross-correlation) and a
-  bias, listed by the group attribute ``weight_names``. These are the original
-  Caffe weights, so the network expects Caffe preprocessing (``CAFFE``).
-* torchvision ``vgg19-dcbbb0f4.pth`` (a ``torch.save``'d state dict): read
-  WITHOUT torch. Both the zip container (torch >= 1.6) and the older
-  "legacy" stream of pickles are understood. The pickle is read by an
-  unpickler that only allows the few torch tensor-rebuilding names, each mapped
-  to a numpy-building function, so a hostile file cannot run code. Keys
-  ``features.{0,2,5,...}.weight`` are ``[Cout, Cin, 3, 3]`` (OIHW) and are
-  transposed to HWIO. Retrained weights; ``TORCH`` preprocessing.
-* MatConvNet ``imagenet-vgg-verydeep-19.mat`` (MATLAB v5, read with
-  ``scipy.io.loadmat``): ``layers`` is a cell array of structs with ``name``,
-  ``type`` and ``weights = {filters, biases}``; the mean pixel comes from
-  ``normalization.averageImage`` (or ``meta.normalization.averageImage``) in
-  0-255 RGB. ``loadmat`` keeps MATLAB's index order (a MATLAB array
-  ``F(i, j, k, l)`` becomes ``F[i, j, k, l]``), and the filters in this file are
-  stored ``[W, H, Cin, Cout]`` as in the widely used TensorFlow ports of it
-  (anishathalye/neural-style, lengstrom/fast-style-transfer), so they are
-  transposed to HWIO; ``spatial_order="HW"`` reads them as they are.
-
-Every reader validates the 16 convolutions (3x3 kernels, channel chain
-3->64->64->128->...->512, bias length, finite values) and raises ``ValueError``
-naming the file (and layer) before any compute.
+Keras ``.h5`` (:func:`read_keras_h5`), torchvision ``.pth`` read without torch
+(:func:`read_torchvision_pth`) and MatConvNet ``.mat`` (:func:`read_matconvnet_mat`),
+all holding the same 16 convolutions of VGG19 (a fully connected classifier,
+when present, is ignored). The network owns the convolutions' names and
+describes them as a :class:`ConvStack`; each reader maps the file's own layout
+to them, and validates them before any compute.
 """
 
 from __future__ import annotations
@@ -60,7 +38,7 @@ class Preprocessing:
             "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Preprocessing":
+  def from_dict(cls, d: dict) -> Preprocessing:
     return cls(str(d["channel_order"]), float(d["scale"]),
                tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 
@@ -68,22 +46,50 @@ class Preprocessing:
 TORCH = Preprocessing("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CAFFE = Preprocessing("BGR", 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
 
-# conv{block}_{index}: 2, 2, 4, 4, 4 convolutions per block.
-CONV_NAMES = tuple(f"conv{b}_{i}" for b, n in zip(range(1, 6), (2, 2, 4, 4, 4))
-                   for i in range(1, n + 1))
-# Output channels of each block's convolutions in the real network.
-_BLOCK_WIDTH = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
-# (Cin, Cout) of each convolution of the real VGG19.
-EXPECTED_CHANNELS = {}
-_prev = 3
-for _name in CONV_NAMES:
-  _w = _BLOCK_WIDTH[int(_name[4])]
-  EXPECTED_CHANNELS[_name] = (_prev, _w)
-  _prev = _w
-del _prev, _name, _w
+@dataclasses.dataclass(frozen=True)
+class ConvStack:
+  """The 3x3 convolutions a reader fills, as the network names them.
 
-# Keras layer names, in CONV_NAMES order: conv3_4 <-> block3_conv4.
-KERAS_NAMES = tuple(f"block{n[4]}_conv{n[6]}" for n in CONV_NAMES)
+  The network module owns the instance (``jaxface.models.vgg19.CONVS``); the
+  readers map the file's layers to it.
+
+  Attributes:
+    names: the network's name of each convolution, in network order.
+    depths: convolutions per block (VGG19: 2, 2, 4, 4, 4); block ``b``'s
+      ``i``-th convolution is Keras' ``block{b}_conv{i}`` and MatConvNet's
+      ``conv{b}_{i}`` (1-based).
+    widths: output channels of each block's convolutions in the real network.
+  """
+  names: tuple[str, ...]
+  depths: tuple[int, ...]
+  widths: tuple[int, ...]
+
+  def __post_init__(self):
+    if len(self.depths) != len(self.widths) or sum(self.depths) != len(self.names):
+      raise ValueError(f"ConvStack: {len(self.names)} names for depths {self.depths} and "
+                       f"widths {self.widths}")
+
+  def positions(self) -> tuple[tuple[int, int], ...]:
+    """(block, index), 1-based, of each convolution."""
+    return tuple((b, i) for b, n in enumerate(self.depths, start=1) for i in range(1, n + 1))
+
+  def channels(self) -> dict[str, tuple[int, int]]:
+    """``{name: (Cin, Cout)}`` of the real network (3 input channels)."""
+    out, prev = {}, 3
+    for name, (b, _) in zip(self.names, self.positions()):
+      out[name] = (prev, self.widths[b - 1])
+      prev = self.widths[b - 1]
+    return out
+
+  def keras_names(self) -> tuple[str, ...]:
+    """Keras' layer names, in network order: ``block3_conv4`` for block 3's 4th convolution."""
+    return tuple(f"block{b}_conv{i}" for b, i in self.positions())
+
+  def matconvnet_names(self) -> tuple[str, ...]:
+    """MatConvNet's layer names, in network order: ``conv3_4``."""
+    return tuple(f"conv{b}_{i}" for b, i in self.positions())
+
+
 # Indices of the convolutions in torchvision's ``vgg19().features`` Sequential.
 TORCH_FEATURE_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
 
@@ -91,19 +97,22 @@ TORCH_FEATURE_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32,
 @dataclasses.dataclass(frozen=True)
 class VGGWeights:
   """The 16 VGG19 convolutions and the preprocessing they were trained with."""
-  params: dict[str, tuple[np.ndarray, np.ndarray]]  # "conv1_1".."conv5_4" -> (kernel [3,3,Cin,Cout] float32 HWIO, bias [Cout] float32)
+  # The network's conv names ("conv1_1".."conv5_4") -> (kernel [3,3,Cin,Cout] float32 HWIO,
+  # bias [Cout] float32).
+  params: dict[str, tuple[np.ndarray, np.ndarray]]
   preprocessing: Preprocessing
   source: str                        # e.g. "keras-h5:/path/file.h5"
 
 
 # ----------------------------------------------------------------------------- validation
 
-def validate(params: dict, where: str, *, strict_shapes: bool = True) -> dict:
+def validate(params: dict, where: str, convs: ConvStack, *, strict_shapes: bool = True) -> dict:
   """Checks and normalises ``params`` (name -> (kernel, bias)) in place of a reader.
 
   Args:
-    params: CONV_NAMES -> (kernel [3,3,Cin,Cout], bias [Cout]) of any float dtype.
+    params: ``convs.names`` -> (kernel [3,3,Cin,Cout], bias [Cout]) of any float dtype.
     where: the file, for error messages.
+    convs: the network's convolutions.
     strict_shapes: require the real VGG19 channel counts; when False any
       channel counts are accepted as long as they chain (first Cin is 3, each
       Cin equals the previous Cout) — tests use tiny networks this way.
@@ -115,12 +124,13 @@ def validate(params: dict, where: str, *, strict_shapes: bool = True) -> dict:
     ValueError: naming ``where`` and the layer, for a missing layer, a wrong
       shape, a broken channel chain or non-finite values.
   """
-  missing = [n for n in CONV_NAMES if n not in params]
+  missing = [n for n in convs.names if n not in params]
   if missing:
     raise ValueError(f"{where}: not a VGG19 weight file, layers {missing} are missing")
+  expected = convs.channels()
   out = {}
   prev = 3
-  for name in CONV_NAMES:
+  for name in convs.names:
     kernel, bias = (np.asarray(a) for a in params[name])
     if kernel.ndim != 4 or kernel.shape[:2] != (3, 3):
       hint = (" (channels-first: a Theano 'th_dim_ordering' file? use the 'tf_dim_ordering' one)"
@@ -128,9 +138,9 @@ def validate(params: dict, where: str, *, strict_shapes: bool = True) -> dict:
       raise ValueError(f"{where}: layer {name} kernel has shape {kernel.shape}, "
                        f"expected [3, 3, Cin, Cout]{hint}")
     cin, cout = kernel.shape[2:]
-    if strict_shapes and (cin, cout) != EXPECTED_CHANNELS[name]:
+    if strict_shapes and (cin, cout) != expected[name]:
       raise ValueError(f"{where}: layer {name} kernel has shape {kernel.shape}, VGG19 needs "
-                       f"{(3, 3) + EXPECTED_CHANNELS[name]}")
+                       f"{(3, 3) + expected[name]}")
     if cin != prev:
       raise ValueError(f"{where}: layer {name} takes {cin} input channels but the layer "
                        f"before it gives {prev}")
@@ -181,11 +191,15 @@ def _h5_names(group, attr: str) -> list[str]:
   return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def read_keras_h5(path: str, *, strict_shapes: bool = True) -> VGGWeights:
-  """Reads Keras' ``vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5``.
+def read_keras_h5(path: str, convs: ConvStack, *, strict_shapes: bool = True) -> VGGWeights:
+  """Reads Keras' ``vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5`` into ``convs``' names.
 
-  Also accepts a whole-model ``.h5`` (weights under ``model_weights``). The
-  kernel of each layer is its 4-D dataset and the bias its 1-D one (Keras 1
+  HDF5, needs ``h5py``: one group per layer ``block1_conv1``..``block5_conv4``
+  holding a kernel (already ``[3, 3, Cin, Cout]`` HWIO for cross-correlation)
+  and a bias, listed by the group attribute ``weight_names``. These are the
+  original Caffe weights, so the network expects Caffe preprocessing. Also
+  accepts a whole-model ``.h5`` (weights under ``model_weights``). The kernel
+  of each layer is its 4-D dataset and the bias its 1-D one (Keras 1
   names them ``block1_conv1_W_1:0``/``..._b_1:0``, Keras 2 ``kernel:0``/``bias:0``).
 
   Returns:
@@ -207,7 +221,7 @@ def read_keras_h5(path: str, *, strict_shapes: bool = True) -> VGGWeights:
   try:
     with f:
       root = f["model_weights"] if "model_weights" in f else f
-      for name, kname in zip(CONV_NAMES, KERAS_NAMES):
+      for name, kname in zip(convs.names, convs.keras_names()):
         if kname not in root:
           layers = _h5_names(root, "layer_names") or sorted(root.keys())
           raise ValueError(f"{where}: layer {kname} ({name}) is missing; the file has "
@@ -221,7 +235,7 @@ def read_keras_h5(path: str, *, strict_shapes: bool = True) -> VGGWeights:
               raise ValueError(f"{where}: layer {kname} lists weight {wn!r} that is not stored")
             datasets.append(g[wn])
         else:  # no attribute: take every dataset below the group
-          g.visititems(lambda _, obj: datasets.append(obj)
+          g.visititems(lambda _, obj, found=datasets: found.append(obj)
                        if isinstance(obj, h5py.Dataset) else None)
         kernels = [d for d in datasets if d.ndim == 4]
         biases = [d for d in datasets if d.ndim == 1]
@@ -235,7 +249,7 @@ def read_keras_h5(path: str, *, strict_shapes: bool = True) -> VGGWeights:
     raise ValueError(f"{where} is damaged ({e})") from e
   except (OSError, KeyError, RuntimeError, TypeError) as e:  # h5py's errors for damaged data
     raise ValueError(f"{where} is damaged ({type(e).__name__}: {e})") from e
-  return VGGWeights(validate(params, where, strict_shapes=strict_shapes), CAFFE,
+  return VGGWeights(validate(params, where, convs, strict_shapes=strict_shapes), CAFFE,
                     f"keras-h5:{os.path.abspath(path)}")
 
 
@@ -507,12 +521,17 @@ def read_torch_state_dict(path: str, wanted=lambda key: True) -> dict[str, np.nd
                    f"{head!r}); very old tar-format files must be re-saved with torch first")
 
 
-def read_torchvision_pth(path: str, *, strict_shapes: bool = True) -> VGGWeights:
+def read_torchvision_pth(path: str, convs: ConvStack, *, strict_shapes: bool = True) -> VGGWeights:
   """Reads torchvision's ``vgg19-dcbbb0f4.pth`` (or any vgg19 state dict) without torch.
 
-  The 16 convolutions are the ``features.N.weight`` 4-D tensors in increasing
-  ``N`` (0, 2, 5, 7, ... 34 in torchvision); a ``module.`` prefix (DataParallel)
-  is accepted. Kernels are OIHW and are transposed to HWIO.
+  The 16 convolutions (``convs.names`` in order) are the ``features.N.weight``
+  4-D tensors in increasing ``N`` (0, 2, 5, 7, ... 34 in torchvision); a ``module.`` prefix (DataParallel)
+  is accepted. Kernels are OIHW and are transposed to HWIO. Retrained weights.
+
+  Both the zip container (torch >= 1.6) and the older "legacy" stream of
+  pickles are understood (:func:`read_torch_state_dict`). The pickle is read by
+  an unpickler that only allows the few torch tensor-rebuilding names, each
+  mapped to a numpy-building function, so a hostile file cannot run code.
 
   Returns:
     VGGWeights with TORCH preprocessing.
@@ -531,19 +550,19 @@ def read_torchvision_pth(path: str, *, strict_shapes: bool = True) -> VGGWeights
   weights = {int(k.split(".")[1]): v for k, v in tensors.items()
              if k.endswith(".weight") and v.ndim == 4}
   indices = sorted(weights)
-  if len(indices) != 16:
-    raise ValueError(f"{where}: expected the 16 convolutions of VGG19 as features.N.weight, "
-                     f"found {len(indices)} ({indices})")
+  if len(indices) != len(convs.names):
+    raise ValueError(f"{where}: expected the {len(convs.names)} convolutions of VGG19 as "
+                     f"features.N.weight, found {len(indices)} ({indices})")
   if strict_shapes and tuple(indices) != TORCH_FEATURE_INDICES:
     raise ValueError(f"{where}: convolutions at features indices {indices}, torchvision's "
                      f"vgg19 has them at {list(TORCH_FEATURE_INDICES)} (a vgg19_bn or other model?)")
   params = {}
-  for name, i in zip(CONV_NAMES, indices):
+  for name, i in zip(convs.names, indices):
     bias = tensors.get(f"features.{i}.bias")
     if bias is None:
       raise ValueError(f"{where}: layer {name} (features.{i}) has no bias")
     params[name] = (np.transpose(weights[i], (2, 3, 1, 0)), bias)
-  return VGGWeights(validate(params, where, strict_shapes=strict_shapes), TORCH,
+  return VGGWeights(validate(params, where, convs, strict_shapes=strict_shapes), TORCH,
                     f"torchvision-pth:{os.path.abspath(path)}")
 
 
@@ -608,12 +627,22 @@ def _loadmat(path: str, where: str, *, isolate: bool) -> dict:
       return pickle.load(f)
 
 
-def read_matconvnet_mat(path: str, *, strict_shapes: bool = True,
+def read_matconvnet_mat(path: str, convs: ConvStack, *, strict_shapes: bool = True,
                         spatial_order: str = "WH", isolate: bool = True) -> VGGWeights:
   """Reads MatConvNet's ``imagenet-vgg-verydeep-19.mat`` (MATLAB v5 format).
 
+  Read with ``scipy.io.loadmat``: ``layers`` is a cell array of structs with
+  ``name``, ``type`` and ``weights = {filters, biases}``; the mean pixel comes
+  from ``normalization.averageImage`` (or ``meta.normalization.averageImage``)
+  in 0-255 RGB. ``loadmat`` keeps MATLAB's index order (a MATLAB array
+  ``F(i, j, k, l)`` becomes ``F[i, j, k, l]``), and the filters in this file are
+  stored ``[W, H, Cin, Cout]`` as in the widely used TensorFlow ports of it
+  (anishathalye/neural-style, lengstrom/fast-style-transfer), so they are
+  transposed to HWIO.
+
   Args:
     path: the .mat file.
+    convs: the network's convolutions (filled in file order).
     strict_shapes: see ``validate``.
     spatial_order: how the first two filter axes are stored: "WH" (the
       published file, as the TensorFlow ports read it: transposed to HWIO) or
@@ -638,22 +667,23 @@ def read_matconvnet_mat(path: str, *, strict_shapes: bool = True,
   if "layers" not in mat:
     raise ValueError(f"{where}: no 'layers' variable; not a MatConvNet simplenn model")
   layers = [_unwrap(c) for c in np.asarray(mat["layers"], dtype=object).ravel()]
-  convs = []
+  conv_layers = []
   try:
     for layer in layers:
       names = layer.dtype.names or ()
       if "type" in names and _mat_str(_unwrap(layer["type"])) == "conv":
-        convs.append(layer)
+        conv_layers.append(layer)
   except (AttributeError, TypeError) as e:
     raise ValueError(f"{where}: 'layers' is not a cell array of layer structs ({e})") from e
-  if len(convs) < 16:
-    raise ValueError(f"{where}: found {len(convs)} conv layers, VGG19 needs 16 (plus the "
+  n = len(convs.names)
+  if len(conv_layers) < n:
+    raise ValueError(f"{where}: found {len(conv_layers)} conv layers, VGG19 needs {n} (plus the "
                      f"3 fully connected ones, which are ignored)")
   params = {}
   # VGG19's 16 3x3 convolutions come first; the classifier's fc layers are
   # also type 'conv' in MatConvNet (7x7 and 1x1 filters) and come after.
-  for name, layer in zip(CONV_NAMES, convs[:16]):
-    lname = _mat_str(_unwrap(layer["name"])) if "name" in layer.dtype.names else name
+  for name, fname, layer in zip(convs.names, convs.matconvnet_names(), conv_layers[:n]):
+    lname = _mat_str(_unwrap(layer["name"])) if "name" in layer.dtype.names else fname
     if "weights" in layer.dtype.names:
       w = np.asarray(layer["weights"], dtype=object).ravel()
       w = [_unwrap(x) for x in w]
@@ -674,12 +704,12 @@ def read_matconvnet_mat(path: str, *, strict_shapes: bool = True,
                        f"4 axes")
     if spatial_order == "WH":
       filters = np.transpose(filters, (1, 0, 2, 3))
-    if lname != name and strict_shapes and lname.startswith("conv"):
-      raise ValueError(f"{where}: the conv layer in place of {name} is named {lname}")
+    if lname != fname and strict_shapes and lname.startswith("conv"):
+      raise ValueError(f"{where}: the conv layer in place of {fname} is named {lname}")
     params[name] = (filters, biases)
   mean = _matconvnet_mean(mat, where)
   prep = Preprocessing("RGB", 255.0, mean, (1.0, 1.0, 1.0))
-  return VGGWeights(validate(params, where, strict_shapes=strict_shapes), prep,
+  return VGGWeights(validate(params, where, convs, strict_shapes=strict_shapes), prep,
                     f"matconvnet-mat:{os.path.abspath(path)}")
 
 
@@ -732,6 +762,11 @@ READERS = {"keras-h5": read_keras_h5, "torchvision-pth": read_torchvision_pth,
            "matconvnet-mat": read_matconvnet_mat}
 
 
-def read_vgg19(path: str, *, strict_shapes: bool = True) -> VGGWeights:
-  """Reads any of the three formats, detected from the file's content."""
-  return READERS[detect_format(path)](path, strict_shapes=strict_shapes)
+def read_vgg19(path: str, convs: ConvStack, *, strict_shapes: bool = True) -> VGGWeights:
+  """Reads any of the three formats, detected from the file's content, into ``convs``' names.
+
+  Every reader validates the 16 convolutions (3x3 kernels, channel chain
+  3->64->64->128->...->512, bias length, finite values; :func:`validate`) and
+  raises ``ValueError`` naming the file (and layer) before any compute.
+  """
+  return READERS[detect_format(path)](path, convs, strict_shapes=strict_shapes)

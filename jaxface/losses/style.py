@@ -1,17 +1,9 @@
 """Gatys neural style transfer costs, as in the lecture (plain ``jax.numpy``).
 
-Notation: an activation ``a`` of one image at one layer is ``[nH, nW, nC]``;
-every function also accepts leading batch axes ``[..., nH, nW, nC]`` and then
-returns one cost per image ``[...]``.
-
-* content: ``J_content = 1/2 ||a(C) - a(G)||^2`` (or, with ``normalize``,
-  ``1/(4 nH nW nC) ||a(C) - a(G)||^2``).
-* Gram matrix: ``G_kk' = sum_ij a_ijk a_ijk'``.
-* one style layer: ``J_style^l = 1/(2 nH nW nC)^2 ||G(S) - G(G)||_F^2``.
-* ``J_style = sum_l lambda_l J_style^l``.
-* total variation: ``TV(x) = sum (x[i+1,j] - x[i,j])^2 + (x[i,j+1] - x[i,j])^2``
-  (the squared form jcjohnson/neural-style uses).
-* ``J = alpha J_content + beta J_style + gamma TV``.
+An activation ``a`` of one image at one layer is ``[nH, nW, nC]``; every
+function also accepts leading batch axes ``[..., nH, nW, nC]`` and then returns
+one cost per image ``[...]``. The total is ``J = alpha J_content + beta J_style
++ gamma TV`` (:func:`total_cost`).
 """
 
 from __future__ import annotations
@@ -23,7 +15,9 @@ import jax.numpy as jnp
 
 
 def content_cost(a_c: jax.Array, a_g: jax.Array, *, normalize: bool = False) -> jax.Array:
-  """Content cost between ``[..., nH, nW, nC]`` activations -> ``[...]`` float32."""
+  """Content cost between ``[..., nH, nW, nC]`` activations -> ``[...]`` float32:
+  ``J_content = 1/2 ||a(C) - a(G)||^2``, or with ``normalize``
+  ``1/(4 nH nW nC) ||a(C) - a(G)||^2``."""
   if a_c.shape != a_g.shape:
     raise ValueError(f"a_c {a_c.shape} and a_g {a_g.shape} must have the same shape")
   n_h, n_w, n_c = a_g.shape[-3:]
@@ -49,9 +43,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _gram_chunks(p: int, c: int) -> int:
   """Row blocks for ``a^T a`` with ``a [p, c]``: XLA CPU runs a long, thin
-  ``a^T a`` (p >> c) on one thread and slowly; as a batch of ``nb`` block
-  Grams summed afterwards it runs several times faster (measured on VGG19
-  relu1_1/relu2_1 at 256-512 px). Square-ish cases stay one matmul."""
+  ``a^T a`` (p >> c) on one thread and slowly; a batch of ``nb`` block Grams
+  summed afterwards runs faster (BUILD.md, "Neural style transfer"). Square-ish
+  cases stay one matmul."""
   nb = 1
   while nb < 8 and p % (2 * nb) == 0 and p // (2 * nb) >= 16 * c:
     nb *= 2
@@ -112,7 +106,9 @@ def style_cost(grams_s: Mapping[str, jax.Array], acts_g: Mapping[str, jax.Array]
 
 
 def total_variation(x: jax.Array) -> jax.Array:
-  """Squared total variation of images ``[..., H, W, C] -> [...]`` float32."""
+  """Squared total variation of images ``[..., H, W, C] -> [...]`` float32:
+  ``TV(x) = sum (x[i+1,j] - x[i,j])^2 + (x[i,j+1] - x[i,j])^2`` (the squared form
+  jcjohnson/neural-style uses)."""
   dh = x[..., 1:, :, :] - x[..., :-1, :, :]
   dw = x[..., :, 1:, :] - x[..., :, :-1, :]
   return jnp.sum(jnp.square(dh), axis=(-3, -2, -1)) + jnp.sum(jnp.square(dw), axis=(-3, -2, -1))

@@ -2,48 +2,20 @@
 
 L(a, p, n) = max(d(a, p) - d(a, n) + margin, 0) with d the squared Euclidean
 distance (FaceNet, Schroff et al. 2015). A triplet (a, p, n) is *valid* when
-a != p, label[a] == label[p] and label[a] != label[n].
-
-How the B^3 triplet tensor is avoided
--------------------------------------
-The batch is first sorted by label, so each identity occupies a contiguous
-segment [start, start + count). For an offset k = 1 .. K_max - 1 (K_max the
-largest class count in the batch), pairing every anchor i with
-start_i + (i - start_i + k) mod count_i enumerates every ordered positive pair
-(a, p), a != p, exactly once over all offsets. Each offset is one [B, B] pass
-over (anchor, negative), so the whole loss is O(B^2 * K_max) time and O(B^2)
-memory; for the usual P x K batches K_max = K is small (4 to 16). With few
-large classes (worst case two classes of B/2) the time approaches B^3 / 4,
-but the memory stays O(B^2).
-
-The offset loop is a `lax.while_loop` with a data-dependent trip count, which
-JAX cannot reverse-differentiate. The loop therefore only *counts*, on
-stop-gradient distances: since the loss is piecewise linear in the distances,
-
-  sum over active (a, p, n) of (d_ap - d_an + margin)
-      = sum_{a, j} W[a, j] * d[a, j] + margin * (number of active triplets),
-
-with W[a, p] = #active negatives of the pair (a, p) and W[a, n] = -#positives
-p for which (a, p, n) is active. W is constant on each linear piece, so the
-gradient of the right-hand side with respect to the (differentiable)
-distance matrix is exactly W; between pieces (measure zero) it is one of the
-one-sided gradients, like `relu` at 0. Semi-hard mining uses the same loop
-and weights (two entries per mined triplet). Batch-hard mines with one
-[B, B] pass and recomputes the two mined distances per anchor from the
-embeddings.
+a != p, label[a] == label[p] and label[a] != label[n]. :func:`triplet_loss`
+never builds the B^3 triplet tensor (how: `_offset_loop`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
-from jaxface.losses.distances import pairwise_sq_distances
-from jaxface.losses.distances import sq_distance
+from jaxface.losses.distances import pairwise_sq_distances, sq_distance
 
 __all__ = ["STRATEGIES", "triplet_loss"]
 
@@ -88,6 +60,32 @@ def _offset_loop(
     body: Callable[[jax.Array, jax.Array, _State], _State],
     init: _State) -> _State:
   """Runs `body(partner, pair_valid, state)` once per positive offset.
+
+  How the B^3 triplet tensor is avoided: the batch is first sorted by label, so
+  each identity occupies a contiguous segment [start, start + count). For an
+  offset k = 1 .. K_max - 1 (K_max the largest class count in the batch),
+  pairing every anchor i with start_i + (i - start_i + k) mod count_i
+  enumerates every ordered positive pair (a, p), a != p, exactly once over all
+  offsets. Each offset is one [B, B] pass over (anchor, negative), so the whole
+  loss is O(B^2 * K_max) time and O(B^2) memory; for the usual P x K batches
+  K_max = K is small (4 to 16). With few large classes (worst case two classes
+  of B/2) the time approaches B^3 / 4, but the memory stays O(B^2).
+
+  The loop is a `lax.while_loop` with a data-dependent trip count, which JAX
+  cannot reverse-differentiate. It therefore only *counts*, on stop-gradient
+  distances: since the loss is piecewise linear in the distances,
+
+    sum over active (a, p, n) of (d_ap - d_an + margin)
+        = sum_{a, j} W[a, j] * d[a, j] + margin * (number of active triplets),
+
+  with W[a, p] = #active negatives of the pair (a, p) and W[a, n] = -#positives
+  p for which (a, p, n) is active. W is constant on each linear piece, so the
+  gradient of the right-hand side with respect to the (differentiable)
+  distance matrix is exactly W; between pieces (measure zero) it is one of the
+  one-sided gradients, like `relu` at 0. Semi-hard mining uses the same loop
+  and weights (two entries per mined triplet). Batch-hard mines with one
+  [B, B] pass and recomputes the two mined distances per anchor from the
+  embeddings.
 
   Args:
     start: `[B] int32` first (label-sorted) index of each row's class.
@@ -151,7 +149,7 @@ def triplet_loss(
       (a, p) pairs (a != p, same label, anchor has a negative).
 
   Complexity: O(B^2 * K_max) time and O(B^2) memory, K_max being the size of
-  the largest class in the batch (see the module docstring); no B^3 tensor.
+  the largest class in the batch (see `_offset_loop`); no B^3 tensor.
   For "hard" the K_max factor only comes from counting "active_fraction";
   its loss and gradient are O(B^2) and O(B * D).
 

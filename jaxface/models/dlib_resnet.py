@@ -1,50 +1,10 @@
 """dlib's 128-D face embedding ResNet (``dlib_face_recognition_resnet_model_v1``) in Flax NNX.
 
-Architecture (NHWC here; dlib is NCHW, shapes below are H x W x C)::
-
-  chip 150x150x3 uint8 -> (pixel - mean_rgb) / 256          (preprocess)
-  conv 7x7 s2 p0 -> 72x72x32, affine, relu, max pool 3x3 s2 p0 -> 35x35x32
-  stage 32:  3 identity blocks                               35x35
-  stage 64:  down block + 3 identity blocks                  17x17
-  stage 128: down block + 2 identity blocks                  8x8
-  stage 256: down block + 2 identity blocks                  4x4
-  stage 256: down block                                      2x2
-  global average -> 256 -> fc (no bias) -> 128               (not L2-normalized)
-
-A block is conv3x3 -> affine -> relu -> conv3x3 -> affine, plus a shortcut,
-then relu. Identity blocks: shortcut = input, convs stride 1 padding 1. Down
-blocks: first conv stride 2 padding 0; shortcut = 2x2 stride-2 average pool of
-the block input, and the sum zero-fills to the larger shape (more channels,
-and at stage 256 a 3x3 conv output added into the top-left of the 4x4 pooled
-shortcut) - no projection conv. "affine" is dlib's batch norm folded into a
-per-channel scale and shift; here it is a trainable ``scale``/``bias`` pair so
-the network can be fine-tuned (there are no batch statistics, so ``train``
-changes nothing in the forward pass).
-
-Precision: parity with dlib (max abs difference <= 1e-5 on descriptors) needs
-true float32 arithmetic in every conv and matmul. On CPU, XLA computes float32
-convolutions in float32 whatever the precision setting (measured: same
-4e-7 error and speed with DEFAULT and HIGHEST). On GPU (Ampere and later)
-JAX's DEFAULT precision runs float32 convs/matmuls in TF32, and on TPU in
-bfloat16 passes (spec: TF32 2.6e-4, bf16 2.2e-3 max abs error). Measured on an
-H200 (jax 0.11.2): HIGHEST 4.2e-7, HIGH and DEFAULT 2.9e-4 (fails parity);
-throughput at batch 256 about 22,000 chips/s with HIGHEST vs 39,000 with
-DEFAULT. This module therefore passes ``precision=jax.lax.Precision.HIGHEST``
-to every conv and dot (spec field ``precision="highest"``, the default), which
-forces full float32 on GPU (no TF32) and 6-pass bf16 emulation on TPU. With
-``precision="default"`` the ops pass no precision, so the global setting
-applies: ``jax.default_matmul_precision("highest")`` (context manager) or
-``JAX_DEFAULT_MATMUL_PRECISION=highest`` restores parity there; without it
-expect ~3e-4 (TF32) to ~2e-3 (bf16) descriptor error, acceptable for
-fine-tuning on an accelerator but not for parity tests.
-
-Run it functionally, like :mod:`jaxface.models.encoder`::
-
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  emb, rest = apply(graphdef, params, rest, preprocess(chips), train=False)
-
-or use :class:`FaceEncoder` (``jaxface.pretrained.face_encoder()``) for
-batched, jitted inference from uint8 chips.
+:class:`DlibResNet` is the network (its docstring gives the architecture),
+:func:`apply` runs a split model functionally like :mod:`jaxface.models.encoder`,
+and :class:`FaceEncoder` (``jaxface.pretrained.face_encoder()``) is batched,
+jitted inference from uint8 chips. Every conv and dot runs at HIGHEST precision
+by default, which parity with dlib needs on GPU/TPU (``DlibResNetSpec.precision``).
 """
 
 from __future__ import annotations
@@ -58,16 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxface import xla_options
-from jaxface.formats import dlib as dlib_format
-
-# Version of :func:`convert`'s output layout (part of the cache key).
-CONVERTER_VERSION = "1"
+from jaxface import jit_cache, xla_options
 
 # dlib stores the means as float32; these are those float32 values, written exactly.
 DLIB_MEAN_RGB = (122.78199768066406, 117.0009994506836, 104.2979965209961)
 
-# "default" passes no precision, so jax.default_matmul_precision(...) decides.
+# Parity with dlib (max abs difference <= 1e-5 on descriptors) needs true float32
+# arithmetic in every conv and matmul. On CPU XLA computes float32 convolutions in
+# float32 whatever the precision setting; on GPU (Ampere and later) JAX's DEFAULT
+# precision runs them in TF32, and on TPU in bfloat16 passes (spec: TF32 2.6e-4,
+# bf16 2.2e-3 max abs error), which fails parity (measured errors and speeds:
+# BUILD.md, "dlib face pipeline"). HIGHEST forces full float32 on GPU (no TF32)
+# and 6-pass bf16 emulation on TPU. "default" passes no precision, so the global
+# setting decides: jax.default_matmul_precision("highest") (context manager) or
+# JAX_DEFAULT_MATMUL_PRECISION=highest restores parity there.
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
                "default": None}
 
@@ -88,7 +52,9 @@ class DlibResNetSpec:
     l2_normalize: project embeddings onto the unit sphere (dlib does not; off
       for parity, optional for triplet fine-tuning).
     precision: "highest" (float32 everywhere, needed for parity on GPU/TPU),
-      "high" or "default" (TF32/bf16 on accelerators: faster, ~1e-3 error).
+      "high" or "default" (TF32/bf16 on accelerators: faster, ~3e-4 (TF32) to
+      ~2e-3 (bf16) descriptor error, acceptable for fine-tuning on an
+      accelerator but not for parity tests).
   """
   input_size: int = 150
   mean_rgb: tuple[float, float, float] = DLIB_MEAN_RGB
@@ -119,7 +85,7 @@ class DlibResNetSpec:
             for f in dataclasses.fields(self)}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DlibResNetSpec":
+  def from_dict(cls, d: dict[str, Any]) -> DlibResNetSpec:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -237,7 +203,8 @@ def _avg_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 stride-2 average pool, no padding: ``[N, H, W, C] -> [N, H//2, W//2, C]`` float32.
 
   Four strided slices summed elementwise: XLA fuses them into the consumer
-  (shortcut add), where a reshape + reduce ran 2-4x slower on CPU.
+  (shortcut add); a reshape + reduce was slower on CPU (BUILD.md, "dlib face
+  pipeline").
   """
   oh, ow = x.shape[1] // 2, x.shape[2] // 2
   def tap(r, c):
@@ -250,8 +217,8 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
   Separable (rows, then columns) strided-slice maxima: exactly
   ``reduce_window(max)``, but XLA:CPU ran reduce_window as a slow generic loop
-  (0.21 ms/chip at batch 1, 0.35 at 32, ~5-9% of the whole network) and this
-  form as a fused elementwise pass (0.04 / 0.014 ms/chip).
+  and this form as a fused elementwise pass (timings: BUILD.md, "dlib face
+  pipeline").
   """
   def pool(t, axis):
     out = (t.shape[axis] - 3) // 2 + 1
@@ -290,6 +257,27 @@ class DlibResNet(nnx.Module):
   Input: float32 from :func:`preprocess` (or uint8 chips, preprocessed here).
   150x150 chips reproduce dlib; other sizes run (global average pool) as long
   as :meth:`DlibResNetSpec.feature_size` is >= 1.
+
+  Architecture (NHWC here; dlib is NCHW, shapes below are H x W x C)::
+
+    chip 150x150x3 uint8 -> (pixel - mean_rgb) / 256          (preprocess)
+    conv 7x7 s2 p0 -> 72x72x32, affine, relu, max pool 3x3 s2 p0 -> 35x35x32
+    stage 32:  3 identity blocks                               35x35
+    stage 64:  down block + 3 identity blocks                  17x17
+    stage 128: down block + 2 identity blocks                  8x8
+    stage 256: down block + 2 identity blocks                  4x4
+    stage 256: down block                                      2x2
+    global average -> 256 -> fc (no bias) -> 128               (not L2-normalized)
+
+  A block is conv3x3 -> affine -> relu -> conv3x3 -> affine, plus a shortcut,
+  then relu. Identity blocks: shortcut = input, convs stride 1 padding 1. Down
+  blocks: first conv stride 2 padding 0; shortcut = 2x2 stride-2 average pool of
+  the block input, and the sum zero-fills to the larger shape (more channels,
+  and at stage 256 a 3x3 conv output added into the top-left of the 4x4 pooled
+  shortcut) - no projection conv. "affine" is dlib's batch norm folded into a
+  per-channel scale and shift; here it is a trainable ``scale``/``bias`` pair so
+  the network can be fine-tuned (there are no batch statistics, so ``train``
+  changes nothing in the forward pass).
   """
 
   def __init__(self, spec: DlibResNetSpec = DlibResNetSpec(), *, rngs: nnx.Rngs):
@@ -348,7 +336,10 @@ def build_dlib_resnet(spec: DlibResNetSpec = DlibResNetSpec(), seed: int = 0) ->
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.Array,
           train: bool = False) -> tuple[jax.Array, nnx.State]:
-  """Pure application of a split :class:`DlibResNet`; same signature as ``encoder.apply``.
+  """Pure application of a split :class:`DlibResNet`; same signature as ``encoder.apply``::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    emb, rest = apply(graphdef, params, rest, preprocess(chips), train=False)
 
   Args:
     graphdef, params, rest: from ``nnx.split(model, nnx.Param, ...)``.
@@ -391,115 +382,6 @@ def fold_affine(model: DlibResNet) -> DlibResNet:
   return model
 
 
-# --------------------------------------------------------------------------- conversion
-
-
-def convert(path: str) -> dict[str, Any]:
-  """Parses dlib's ``.dat`` file -> ``{"spec": dict, "params": pure dict in this module's layout}``.
-
-  Checks the layer sequence against the architecture above (strides,
-  paddings, pool sizes, channel counts), so a different dlib network is
-  refused with a :class:`~jaxface.formats.dlib.DlibFormatError` naming the
-  layer's byte offset rather than computing something else.
-  """
-  net = dlib_format.read_network(path, expect_loss=("loss_metric_", "loss_metric_2"))
-  if net.input != "input_rgb_image_sized":
-    raise dlib_format.DlibFormatError(path, 0, f"expected input_rgb_image_sized, found {net.input}")
-  rows, cols = net.input_attrs["rows"], net.input_attrs["cols"]
-  if rows != cols:
-    raise dlib_format.DlibFormatError(path, 0, f"non-square input {rows}x{cols} is not supported")
-  layers = list(net.layers)
-  pos = 0
-
-  def take(kind: str, **want) -> dlib_format.Layer:
-    nonlocal pos
-    if pos >= len(layers):
-      raise dlib_format.DlibFormatError(path, 0, f"network ends where a {kind} layer was expected")
-    layer = layers[pos]
-    if layer.kind != kind:
-      raise dlib_format.DlibFormatError(
-          path, layer.offset, f"layer {pos}: expected {kind}, found {layer.name} "
-          f"(not dlib's face embedding ResNet)")
-    for key, value in want.items():
-      if tuple(layer.attrs.get(key, ())) != value:
-        raise dlib_format.DlibFormatError(
-            path, layer.offset, f"layer {pos} ({layer.name}): {key} {layer.attrs.get(key)}, "
-            f"expected {value}")
-    pos += 1
-    return layer
-
-  def peek() -> str | None:
-    return layers[pos].kind if pos < len(layers) else None
-
-  def conv_params(layer: dlib_format.Layer, in_ch: int | None) -> dict[str, np.ndarray]:
-    f = layer.params["filters"]  # [O, I, kh, kw]
-    if in_ch is not None and f.shape[1] != in_ch:
-      raise dlib_format.DlibFormatError(
-          path, layer.offset, f"conv has {f.shape[1]} input channels, previous layer gives {in_ch}")
-    return {"kernel": np.ascontiguousarray(f.transpose(2, 3, 1, 0)), "bias": layer.params["bias"]}
-
-  def affine_params(layer: dlib_format.Layer, ch: int) -> dict[str, np.ndarray]:
-    if layer.params["gamma"].shape != (ch,) or layer.attrs.get("mode") != 0:
-      raise dlib_format.DlibFormatError(path, layer.offset,
-                                        f"expected a per-channel affine layer over {ch} channels")
-    return {"scale": layer.params["gamma"], "bias": layer.params["beta"]}
-
-  stem = take("con", stride=(2, 2), padding=(0, 0))
-  kernel = stem.params["filters"].shape[2]
-  stem_p = conv_params(stem, 3)
-  width = stem_p["bias"].shape[0]
-  stem_a = affine_params(take("affine"), width)
-  take("relu")
-  take("max_pool", window=(3, 3), stride=(2, 2), padding=(0, 0))
-  blocks, widths, depths = [], [], []
-  in_ch = width
-  while peek() == "con":
-    c1 = take("con")
-    down = tuple(c1.attrs["stride"]) == (2, 2)
-    want = ((2, 2), (0, 0)) if down else ((1, 1), (1, 1))
-    if (tuple(c1.attrs["stride"]), tuple(c1.attrs["padding"])) != want or \
-        c1.params["filters"].shape[2:] != (3, 3):
-      raise dlib_format.DlibFormatError(
-          path, c1.offset, f"block conv: stride {c1.attrs['stride']} padding {c1.attrs['padding']} "
-          f"kernel {c1.params['filters'].shape[2:]} does not fit dlib's ResNet blocks")
-    p1 = conv_params(c1, in_ch)
-    out = p1["bias"].shape[0]
-    if not down and out != in_ch:
-      raise dlib_format.DlibFormatError(path, c1.offset,
-                                        f"identity block changes channels {in_ch} -> {out}")
-    a1 = affine_params(take("affine"), out)
-    take("relu")
-    p2 = conv_params(take("con", stride=(1, 1), padding=(1, 1)), out)
-    a2 = affine_params(take("affine"), out)
-    if down:
-      take("avg_pool", window=(2, 2), stride=(2, 2), padding=(0, 0))
-    take("add_prev")
-    take("relu")
-    if down or not widths:
-      widths.append(out)
-      depths.append(0)
-    if not blocks and down:
-      raise dlib_format.DlibFormatError(path, c1.offset, "the first block must not be a down block")
-    depths[-1] += 1
-    blocks.append({"conv1": p1, "affine1": a1, "conv2": p2, "affine2": a2})
-    in_ch = out
-  take("avg_pool", window=(0, 0))
-  fc = take("fc")
-  weights = fc.params["weights"]
-  if "bias" in fc.params or weights.shape[0] != in_ch:
-    raise dlib_format.DlibFormatError(
-        path, fc.offset, f"expected a bias-free fc over {in_ch} inputs, found weights "
-        f"{weights.shape}{' and a bias' if 'bias' in fc.params else ''}")
-  if pos != len(layers):
-    raise dlib_format.DlibFormatError(path, layers[pos].offset,
-                                      f"unexpected layer {layers[pos].name} after the fc layer")
-  spec = DlibResNetSpec(input_size=int(rows), mean_rgb=tuple(float(m) for m in net.input_attrs["mean_rgb"]),
-                        stem_width=int(width), stem_kernel=int(kernel), widths=tuple(widths),
-                        depths=tuple(depths), embedding_dim=int(weights.shape[1]))
-  params = {"stem": stem_p, "stem_affine": stem_a, "blocks": blocks, "fc": weights}
-  return {"spec": spec.to_dict(), "params": params}
-
-
 def _to_state_dict(tree: Any) -> Any:
   """Lists -> int-keyed dicts (how NNX pure dicts spell ``nnx.List``)."""
   if isinstance(tree, dict):
@@ -510,10 +392,13 @@ def _to_state_dict(tree: Any) -> Any:
 
 
 def from_converted(tree: dict[str, Any], spec_overrides: dict[str, Any] | None = None) -> DlibResNet:
-  """Builds a :class:`DlibResNet` from :func:`convert`'s output (no random init work).
+  """Builds a :class:`DlibResNet` from converted weights (no random init work).
 
   Args:
-    tree: ``{"spec": ..., "params": ...}`` from :func:`convert` (or the cache).
+    tree: ``{"spec": ..., "params": ...}`` from
+      :func:`jaxface.formats.dlib_resnet.convert` (or the weight cache); ``spec``
+      holds the architecture read from the file, the other spec fields keep
+      their defaults.
     spec_overrides: fields to change that do not affect parameter shapes,
       e.g. ``{"l2_normalize": True, "precision": "default"}``.
   """
@@ -538,43 +423,26 @@ _YNN_OPTION = xla_options.YNN_OPTION
 _xla_options = xla_options.cpu_compiler_options  # see jaxface/xla_options.py
 
 
-class _InferCache:
-  """Jitted ``(weight leaves, chips uint8 [B, S, S, 3]) -> [B, 128] float32`` programs,
-  one per (graphdef, treedef), shared by every :class:`FaceEncoder` of the same
-  architecture.
+def _build_infer(key: tuple[nnx.GraphDef, Any]):
+  """``(weight leaves, chips uint8 [B, S, S, 3]) -> [B, 128] float32`` for one architecture.
 
   Why not ``jax.jit`` with the graphdef static and the ``nnx.State`` as argument:
-  hashing the graphdef (~145 us) and flattening the State (~35 us) on every
-  call was ~5% of a batch-1 call (~4 ms); here both happen once, in
-  :meth:`get`, and a call passes a flat list of arrays (~15 us dispatch).
+  hashing the graphdef and flattening the State on every call was a measurable
+  part of a batch-1 call (BUILD.md, "dlib face pipeline"); here both happen once
+  per :class:`FaceEncoder`, and a call passes a flat list of arrays.
   """
+  graphdef, treedef = key
 
-  def __init__(self):
-    self._fns: dict[Any, Any] = {}
+  def infer(leaves, chips):
+    net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return net(preprocess(chips, net.spec.mean_rgb))
 
-  def get(self, graphdef: nnx.GraphDef, treedef: Any):
-    key = (graphdef, treedef)
-    fn = self._fns.get(key)
-    if fn is None:
-      def infer(leaves, chips):
-        net = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        return net(preprocess(chips, net.spec.mean_rgb))
-      options = _xla_options()
-      fn = jax.jit(infer, compiler_options=options) if options else jax.jit(infer)
-      self._fns[key] = fn
-    return fn
-
-  def __call__(self, graphdef: nnx.GraphDef, state: nnx.State, chips: jax.Array) -> jax.Array:
-    """``[B, S, S, 3] uint8 -> [B, 128] float32`` (convenience; FaceEncoder calls ``get`` once)."""
-    leaves, treedef = jax.tree.flatten(state)
-    return self.get(graphdef, treedef)(leaves, chips)
-
-  def _cache_size(self) -> int:
-    """Compiled programs over all architectures (one per batch bucket and architecture)."""
-    return sum(fn._cache_size() for fn in self._fns.values())
+  return infer
 
 
-_infer = _InferCache()
+# One program per (graphdef, treedef), shared by every FaceEncoder of the same architecture;
+# ``_infer.get(key)`` is jitted with the CPU compiler options.
+_infer = jit_cache.JitCache(_build_infer)
 
 
 class FaceEncoder:
@@ -582,9 +450,9 @@ class FaceEncoder:
 
   Batches are padded up to a power-of-two bucket (at most ``max_batch``;
   larger inputs run in chunks of ``max_batch``) so any N reuses one of a few
-  compiled programs. ``max_batch`` defaults to 32 on CPU (measured on 2 cores:
-  chunks of 16-32 gave ~15% more chips per CPU-second than 64 or 256) and 256
-  on accelerators (H200: 22,000 chips/s at 256 vs 13,000 at 64). On CPU the
+  compiled programs. ``max_batch`` defaults to 32 on CPU and 256 on
+  accelerators, the faster chunk sizes measured (BUILD.md, "dlib face
+  pipeline"). On CPU the
   programs are compiled with :func:`_xla_options` (YNN fusion off), so no
   ``XLA_FLAGS`` are needed for the fast path.
 
@@ -605,11 +473,11 @@ class FaceEncoder:
     self._infer_graphdef, self._infer_state = nnx.split(infer_model)
     # Flattened once: a call passes this list straight to the jitted program.
     self._infer_leaves, treedef = jax.tree.flatten(self._infer_state)
-    self._infer_fn = _infer.get(self._infer_graphdef, treedef)
+    self._infer_fn = _infer.get((self._infer_graphdef, treedef))
 
   @classmethod
   def from_converted(cls, tree: dict[str, Any], *, fold_affine: bool = True,
-                     max_batch: int | None = None) -> "FaceEncoder":
+                     max_batch: int | None = None) -> FaceEncoder:
     return cls(from_converted(tree), fold=fold_affine, max_batch=max_batch)
 
   def _bucket(self, n: int) -> int:

@@ -14,8 +14,8 @@ Run it functionally, as the training code does::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

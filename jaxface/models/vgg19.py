@@ -1,25 +1,10 @@
 """VGG19 feature extractor (Flax NNX, NHWC) for neural style transfer.
 
-The 16 convolutions are named as in the papers and in every weight file
-(``conv1_1`` .. ``conv5_4``); ``__call__`` returns the named activations
+The 16 convolutions are named as in the papers (``conv1_1`` .. ``conv5_4``);
+``VGG19.__call__`` and :func:`features` return the named activations
 ``conv*_*``, ``relu*_*`` and ``pool*`` up to a requested layer, so the style
 code asks for "relu4_2" and never counts layers. There are no fully connected
 layers: style transfer uses only the convolutional trunk.
-
-Run it functionally, as the style transfer code does::
-
-  graphdef, params = nnx.split(model)
-  feats = features(graphdef, params, x, "relu5_1")   # pure, jittable
-
-For optimising an image through fixed weights (style transfer), pass
-``grad_kernels=input_grad_kernels(params, conv_impl)``: precomputed kernels
-that make the forward and input-gradient convolutions faster (by default
-Winograd F(4x4, 3x3) from block 2 on, ``jaxface.models.winograd``;
-``conv_impl="xla"`` switches that off).
-
-Weights come from ``jaxface.weights.load_vgg19`` as a ``VGGWeights`` (see
-``set_weights``); each file format needs its own input preprocessing
-(``preprocess``), carried with the weights.
 """
 
 from __future__ import annotations
@@ -31,15 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxface.formats.vgg_weights import CAFFE  # noqa: F401  (re-exported)
-from jaxface.formats.vgg_weights import CONV_NAMES
-from jaxface.formats.vgg_weights import TORCH  # noqa: F401  (re-exported)
-from jaxface.formats.vgg_weights import Preprocessing
+from jaxface.formats import vgg_weights
+from jaxface.formats.vgg_weights import (
+  CAFFE,  # noqa: F401  (re-exported)
+  TORCH,  # noqa: F401  (re-exported)
+  Preprocessing,
+)
 from jaxface.models import winograd
 
 BLOCK_DEPTHS = (2, 2, 4, 4, 4)
 BLOCK_WIDTHS = (64, 128, 256, 512, 512)
 POOLINGS = ("max", "avg")
+
+# The 16 convolutions, as this network names them: conv{block}_{index}.
+CONV_NAMES = tuple(f"conv{b}_{i}" for b, n in enumerate(BLOCK_DEPTHS, start=1)
+                   for i in range(1, n + 1))
+# What the weight-file readers fill (jaxface.formats.vgg_weights maps each file's layers to it).
+CONVS = vgg_weights.ConvStack(CONV_NAMES, BLOCK_DEPTHS, BLOCK_WIDTHS)
+# (Cin, Cout) of each convolution.
+CONV_CHANNELS = CONVS.channels()
 
 
 def _layer_names() -> tuple[str, ...]:
@@ -204,11 +199,10 @@ WINOGRAD_T = "winograd_t"    # [6, 6, Cout, Cin]: the same of input_grad_kernel(
 CONV_IMPLS = ("auto", "xla", "winograd")
 
 # conv_impl="auto": Winograd everywhere except block 1. Measured per layer
-# (forward + input gradient, 2-core AMD EPYC, 256 and 512 px): block 1's
-# convolutions (3 or 64 channels at full resolution) run slower as Winograd
-# (its tile transforms are memory-bound and touch 2.25x the input there,
-# against little arithmetic saved), every later layer faster (about 2x for
-# 256-512 channels).
+# (forward + input gradient, 256 and 512 px; BUILD.md, "Neural style transfer"):
+# block 1's convolutions (3 or 64 channels at full resolution) run slower as
+# Winograd (its tile transforms are memory-bound and touch 2.25x the input
+# there, against little arithmetic saved), every later layer faster.
 _AUTO_XLA_LAYERS = frozenset({"conv1_1", "conv1_2"})
 
 
@@ -302,6 +296,9 @@ def build_vgg19(*, pooling: str = "max", seed: int = 0, weights=None) -> VGG19:
 def set_weights(model: VGG19, weights) -> None:
   """Copies ``weights.params`` (name -> (kernel [3,3,Cin,Cout] HWIO, bias [Cout])) into ``model``.
 
+  ``weights`` is a ``VGGWeights`` from ``jaxface.weights.load_vgg19``; each file
+  format needs its own input preprocessing (``preprocess``), carried with it.
+
   Raises:
     ValueError: naming a missing layer or a kernel/bias of the wrong shape,
       before anything is changed.
@@ -326,7 +323,15 @@ def set_weights(model: VGG19, weights) -> None:
 
 def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, last_layer: str,
              grad_kernels: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
-  """Pure form of ``VGG19.__call__`` on ``nnx.split(model)``."""
+  """Pure form of ``VGG19.__call__`` on ``nnx.split(model)``, as the style transfer code runs it::
+
+    graphdef, params = nnx.split(model)
+    feats = features(graphdef, params, x, "relu5_1")   # pure, jittable
+
+  For optimising an image through fixed weights, pass
+  ``grad_kernels=input_grad_kernels(params, conv_impl)`` (by default Winograd
+  F(4x4, 3x3) from block 2 on; ``conv_impl="xla"`` switches that off).
+  """
   return nnx.merge(graphdef, params)(x, last_layer, grad_kernels)
 
 

@@ -1,39 +1,10 @@
 """Winograd convolution for stride-1 SAME 3x3 convolutions (NHWC / HWIO, float32).
 
-A 3x3 convolution producing an ``m x m`` output tile from an ``a x a`` input
-tile (``a = m + 2``) is, in Winograd's minimal filtering form F(m x m, 3 x 3),
-
-  ``Y = A^T [ (G g G^T) * (B^T d B) ] A``
-
-with ``*`` elementwise: ``a^2`` multiplies per tile and channel pair instead of
-``9 m^2``. Over channels the elementwise products become ``a^2`` independent
-matrix products ``[tiles, Cin] x [Cin, Cout]``, which is where the time goes;
-F(4x4, 3x3) does 36 of them for 16 outputs (4x fewer multiplies than a direct
-convolution), F(2x2, 3x3) 16 for 4 (2.25x fewer).
-
-The kernel transform ``U = G g G^T`` is computed once per weight set
-(``transform_kernel``). The input and output transforms are sums of strided
-slices with small constant coefficients, written out so that XLA fuses them
-into a few memory-bound loops. ``conv3x3`` is differentiable by JAX's own
-autodiff (the exact adjoint of the same computation), but XLA runs that
-adjoint (strided-slice transposes, overlapping tiles added back) many times
-slower than the forward pass on CPU; ``conv3x3_vjp`` instead computes the input
-gradient as one more Winograd convolution, with the transformed flipped
-kernel, precomputed like ``U``.
-
-Measured on a 2-core AMD EPYC (Zen 5, AVX-512) with jaxlib 0.10.2, forward +
-input gradient of one layer: 2-4x faster than XLA's convolution for 128-512
-channels at 8x8 to 128x128 positions; slower for 64 channels at 256x256 (the
-transforms, 2.25x the input's size, are memory-bound there while little
-arithmetic is saved). ``jaxface.models.vgg19.input_grad_kernels`` chooses per
-layer.
-
-Rounding: the transforms mix values with coefficients up to 5 (B), 8 (A) and
-1/24 (G) in F(4x4, 3x3), so float32 results differ from the exact convolution
-by up to about 1e-5 of the output's largest magnitude (rms 2e-6 .. 3e-6 for
-64 .. 512 input channels; a direct float32 convolution: about 5e-7;
-``tests/test_winograd.py`` bounds it). F(2x2, 3x3) only uses coefficients 0,
-+-1 and 1/2 and is about as exact as a direct convolution.
+:func:`transform_kernel` computes the kernel transform ``U = G g G^T`` once per
+weight set; :func:`conv3x3` convolves with it, and :func:`conv3x3_vjp` also
+takes the input gradient as one more Winograd convolution.
+``jaxface.models.vgg19.input_grad_kernels`` chooses per layer between this and
+XLA's convolution (speed: BUILD.md, "Neural style transfer").
 """
 
 from __future__ import annotations
@@ -127,6 +98,23 @@ def _combine(terms, coeffs):
 def conv3x3(x: jax.Array, u: jax.Array) -> jax.Array:
   """SAME, stride-1 3x3 cross-correlation (no bias) by Winograd F(m x m, 3 x 3).
 
+  An ``m x m`` output tile from an ``a x a`` input tile (``a = m + 2``) is
+  ``Y = A^T [ (G g G^T) * (B^T d B) ] A`` with ``*`` elementwise: ``a^2``
+  multiplies per tile and channel pair instead of ``9 m^2``. Over channels the
+  elementwise products become ``a^2`` independent matrix products
+  ``[tiles, Cin] x [Cin, Cout]``, which is where the time goes; F(4x4, 3x3) does
+  36 of them for 16 outputs (4x fewer multiplies than a direct convolution),
+  F(2x2, 3x3) 16 for 4 (2.25x fewer). The input and output transforms are sums
+  of strided slices with small constant coefficients, written out so that XLA
+  fuses them into a few memory-bound loops.
+
+  Rounding: the transforms mix values with coefficients up to 5 (B), 8 (A) and
+  1/24 (G) in F(4x4, 3x3), so float32 results differ from the exact convolution
+  by up to about 1e-5 of the output's largest magnitude (rms 2e-6 .. 3e-6 for
+  64 .. 512 input channels; a direct float32 convolution: about 5e-7;
+  ``tests/test_winograd.py`` bounds it). F(2x2, 3x3) only uses coefficients 0,
+  +-1 and 1/2 and is about as exact as a direct convolution.
+
   Args:
     x: ``[N, H, W, Cin] float32`` (any H, W >= 1; padded up to whole tiles).
     u: ``transform_kernel(kernel, m)`` ``[a, a, Cin, Cout] float32``; ``m = a - 2``.
@@ -175,8 +163,11 @@ def conv3x3_vjp(x: jax.Array, u: jax.Array, u_t: jax.Array) -> jax.Array:
   ``u_t = transform_kernel(flipped, in/out-swapped kernel)`` (see
   ``jaxface.models.vgg19.input_grad_kernel``): the input gradient of a SAME
   stride-1 3x3 convolution is the SAME convolution of the output gradient with
-  that kernel, so the backward pass is one more Winograd convolution. ``u``
-  and ``u_t`` get zero cotangents (only the input is optimised).
+  that kernel, so the backward pass is one more Winograd convolution. (JAX's
+  own autodiff of ``conv3x3`` is the exact adjoint of the same computation, but
+  XLA runs it, strided-slice transposes and overlapping tiles added back, many
+  times slower than the forward pass on CPU.) ``u`` and ``u_t`` get zero
+  cotangents (only the input is optimised).
   """
   return conv3x3(x, u)
 

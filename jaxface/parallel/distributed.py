@@ -3,18 +3,6 @@
 Call :func:`initialize` before anything touches a device (``jax.devices()``,
 creating an array): JAX fixes its backends at first use, and a process that
 has already started them alone can no longer join a cluster.
-
-Modes:
-  ``"off"``: single process, nothing is done.
-  ``"on"``: join a cluster. With ``coordinator_address`` (and
-    ``num_processes``, ``process_id``) those are used; without, JAX detects
-    them from the environment (Cloud TPU VM pod slices, SLURM, Open MPI,
-    ``JAX_COORDINATOR_ADDRESS``...). Failure is an error.
-  ``"auto"``: like ``"on"`` when an address is given or the environment
-    names a cluster, else a single process.
-
-On CPU the cross-process collectives are gloo's (TCP), the only
-implementation that needs no extra installation.
 """
 
 from __future__ import annotations
@@ -37,7 +25,13 @@ def initialize(mode: str = "off", *, coordinator_address: str = "", num_processe
   """Joins the multi-process cluster described by the arguments.
 
   Args:
-    mode: ``"off"``, ``"on"`` or ``"auto"`` (see the module docstring).
+    mode: ``"off"``: single process, nothing is done. ``"on"``: join a
+      cluster; with ``coordinator_address`` (and ``num_processes``,
+      ``process_id``) those are used, without, JAX detects them from the
+      environment (Cloud TPU VM pod slices, SLURM, Open MPI,
+      ``JAX_COORDINATOR_ADDRESS``...); failure is an error. ``"auto"``: like
+      ``"on"`` when an address is given or the environment names a cluster,
+      else a single process.
     coordinator_address: ``host:port`` of process 0's coordinator; ``""``
       lets JAX detect it.
     num_processes: processes in the cluster, > 0 with an explicit address;
@@ -45,6 +39,9 @@ def initialize(mode: str = "off", *, coordinator_address: str = "", num_processe
     process_id: this process's rank in ``[0, num_processes)``; -1 lets JAX
       detect it.
     timeout_s: seconds to wait for all processes to connect.
+
+  On CPU the cross-process collectives are gloo's (TCP), the only
+  implementation that needs no extra installation.
 
   Returns:
     Whether ``jax.distributed`` is initialized (now or before this call).
@@ -58,21 +55,21 @@ def initialize(mode: str = "off", *, coordinator_address: str = "", num_processe
     raise ValueError(f"distributed mode must be one of {', '.join(MODES)}, got {mode!r}")
   if mode == "off":
     if coordinator_address:
-      raise ValueError(f"--coordinator_address={coordinator_address!r} is given but "
-                       f"--distributed=off; use --distributed=on (or auto)")
+      raise ValueError(f"coordinator_address={coordinator_address!r} is given but "
+                       "mode='off'; use mode='on' (or 'auto')")
     return False
   explicit = bool(coordinator_address)
   if explicit:
     if ":" not in coordinator_address:
-      raise ValueError(f"--coordinator_address={coordinator_address!r}: must be host:port")
+      raise ValueError(f"coordinator_address={coordinator_address!r}: must be host:port")
     if num_processes < 1:
-      raise ValueError(f"--num_processes={num_processes}: an explicit --coordinator_address "
-                       f"needs the number of processes (>= 1)")
+      raise ValueError(f"num_processes={num_processes}: an explicit coordinator_address "
+                       "needs the number of processes (>= 1)")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id}: must be in [0, {num_processes}) with "
-                       f"an explicit --coordinator_address")
+      raise ValueError(f"process_id={process_id}: must be in [0, {num_processes}) with "
+                       "an explicit coordinator_address")
   elif num_processes or process_id >= 0:
-    raise ValueError("--num_processes/--process_id need --coordinator_address (leave all three "
+    raise ValueError("num_processes/process_id need coordinator_address (leave all three "
                      "unset to let JAX detect the cluster)")
   if jax.distributed.is_initialized():
     return True
@@ -94,7 +91,7 @@ def initialize(mode: str = "off", *, coordinator_address: str = "", num_processe
       return False
     raise DistributedError(
         f"jax.distributed.initialize failed: {e}. Outside a detected cluster pass "
-        f"--coordinator_address=host:port --num_processes=N --process_id=I") from e
+        "coordinator_address='host:port', num_processes=N and process_id=I") from e
   except RuntimeError as e:
     if "before" in str(e) and "backend" in str(e).lower():
       raise DistributedError(

@@ -53,7 +53,7 @@ def threshold_for_far(distances: Any, same: Any, target_far: float) -> float:
   Returns:
     The threshold, a Python float.
   """
-  d, s = metrics._check_scores(distances, same)  # noqa: SLF001 -- shared validation
+  d, s = metrics.check_scores(distances, same)
   far = _check_far(target_far)
   u, inv = np.unique(d, return_inverse=True)
   neg = np.bincount(inv[~s], minlength=u.shape[0])
@@ -107,7 +107,7 @@ def rates_at(distances: Any, same: Any, threshold: float) -> dict[str, float]:
     {"far", "frr", "tar", "accuracy", "num_pos", "num_neg"}; a rate whose
     class is absent is NaN.
   """
-  d, s = metrics._check_scores(distances, same, need_both=False)  # noqa: SLF001
+  d, s = metrics.check_scores(distances, same, need_both=False)
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) \
       or math.isnan(float(threshold)):
     raise ValueError(f"threshold: expected a number, got {threshold!r}")
@@ -154,7 +154,7 @@ def per_identity_thresholds(embeddings: Any, identity_ids: Any, *, global_thresh
     {identity id: threshold} for the qualifying identities (empty when there
     are none, or when there are no impostors at all).
   """
-  emb = metrics._as_embeddings(embeddings, "embeddings")  # noqa: SLF001
+  emb = metrics.as_embeddings(embeddings, "embeddings")
   ids = np.asarray(identity_ids)
   if ids.shape != (emb.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"identity_ids: expected [{emb.shape[0]}] ints, got {ids.dtype}{list(ids.shape)}")
@@ -168,7 +168,7 @@ def per_identity_thresholds(embeddings: Any, identity_ids: Any, *, global_thresh
   others = emb
   other_ids = ids.astype(np.int64)
   if negatives is not None:
-    neg = metrics._as_embeddings(negatives, "negatives")  # noqa: SLF001
+    neg = metrics.as_embeddings(negatives, "negatives")
     if neg.shape[1] != emb.shape[1]:
       raise ValueError(f"negatives: {neg.shape[1]} dimensions, embeddings have {emb.shape[1]}")
     others = np.concatenate([emb, neg])

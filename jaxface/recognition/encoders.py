@@ -1,30 +1,11 @@
 """Which network turns a face into an embedding, and the image -> faces -> embeddings rules.
 
-Two encoders share one interface (:class:`FaceEmbedder`):
-
-* ``"dlib"`` (default): dlib's pretrained pipeline through :mod:`jaxface.faces`
-  (MMOD detector -> 5-point landmarks -> 150x150 aligned chip -> ResNet),
-  128-D descriptors, not L2-normalized (same person when distance <= 0.6).
-* ``"checkpoint:PATH"``: the encoder of a triplet-experiment run
-  (``python -m experiments.triplet --workdir=PATH``), latest checkpoint. Faces
-  are found and aligned by the same dlib detector/landmarks; the aligned
-  150x150 chip is resized to the run's ``image_size`` (and made grayscale for a
-  1-channel run), then embedded exactly as the run evaluated (centre crop,
-  optional mirror test-time augmentation).
-
-Each encoder has a ``fingerprint`` dict (model name, sha256 of the weights,
-preprocessing, dimension; for a checkpoint also the architecture, never the
-run's path) that a gallery stores, so embeddings of different encoders are
-never compared, while a copied or moved run still opens its galleries.
-
-Rules for one image (:func:`encode_faces`, :func:`encode_one`):
-
-* unreadable image: :class:`jaxface.images.ImageError` (a ValueError) naming it;
-* no face: :class:`NoFaceError` naming the image (``encode_one``; for
-  ``encode_faces`` no face is an empty result);
-* several faces where one is needed: the largest face inside the frame is used
-  (:func:`largest`), or with
-  ``strict=True`` :class:`SeveralFacesError` naming the image and the count.
+Two encoders share one interface (:class:`FaceEmbedder`), chosen by
+:func:`get_encoder`: dlib's pretrained pipeline (``"dlib"``, default) or a
+triplet-experiment run (``"checkpoint:PATH"``). For one image,
+:func:`encode_faces` gives every face and :func:`encode_one` the one an
+operation needs; an unreadable image is a :class:`jaxface.images.ImageError`,
+a missing or ambiguous face a :class:`FaceError`, each naming the image.
 """
 
 from __future__ import annotations
@@ -35,6 +16,12 @@ import os
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from jaxface import faces, paths
+
+# JAX, the pretrained-weight cache (orbax) and the triplet trainer are imported where an encoder is
+# built: the recognition CLI imports this module for every command, most of which never embed.
 
 DLIB_MODEL = "dlib_face_recognition_resnet_model_v1"
 DLIB_PREPROCESSING = "mmod detector, shape_predictor_5, chip 150x150 padding 0.25, RGB uint8"
@@ -89,7 +76,13 @@ def _label(image: Any) -> str:
 
 
 class FaceEmbedder:
-  """Aligned 150x150 uint8 RGB chips -> embeddings; subclasses set ``fingerprint``."""
+  """Aligned 150x150 uint8 RGB chips -> embeddings; subclasses set ``fingerprint``.
+
+  The ``fingerprint`` dict (model name, sha256 of the weights, preprocessing,
+  dimension; for a checkpoint also the architecture, never the run's path) is
+  what a gallery stores, so embeddings of different encoders are never
+  compared, while a copied or moved run still opens its galleries.
+  """
 
   fingerprint: dict
   dim: int
@@ -111,7 +104,6 @@ class DlibEmbedder(FaceEmbedder):
                         "preprocessing": DLIB_PREPROCESSING, "dim": self.dim}
 
   def embed_chips(self, chips: np.ndarray) -> np.ndarray:
-    from jaxface import faces
     return faces.embed(chips)
 
 
@@ -157,22 +149,29 @@ def checkpoint_fingerprint(cfg: Any, weights_sha256: str) -> dict:
 
 
 class CheckpointEmbedder(FaceEmbedder):
-  """The encoder of a triplet run's latest checkpoint (see the module docstring)."""
+  """The encoder of a triplet run's latest checkpoint (``python -m experiments.triplet
+  --workdir=PATH``).
+
+  Faces are found and aligned by the same dlib detector/landmarks as
+  :class:`DlibEmbedder`; the aligned 150x150 chip is resized to the run's
+  ``image_size`` (and made grayscale for a 1-channel run), then embedded exactly
+  as the run evaluated (centre crop, optional mirror test-time augmentation).
+  """
 
   def __init__(self, workdir: str):
     from flax import nnx
-    from jaxface import paths
+
     from jaxface.train import triplet
     self.workdir = os.path.abspath(paths.expand(workdir))
     if not os.path.isdir(os.path.join(self.workdir, "checkpoints")):
-      raise FileNotFoundError(f"--encoder=checkpoint:{workdir}: no triplet checkpoint in "
+      raise FileNotFoundError(f"encoder='checkpoint:{workdir}': no triplet checkpoint in "
                               f"{self.workdir} (expected {self.workdir}/checkpoints)")
     model, cfg = triplet.load_params(self.workdir)
     if cfg.spatial_rank != 2:
-      raise ValueError(f"--encoder=checkpoint:{workdir}: the run embeds spatial_rank={cfg.spatial_rank} "
+      raise ValueError(f"encoder='checkpoint:{workdir}': the run embeds spatial_rank={cfg.spatial_rank} "
                        "data, not images")
     if getattr(cfg, "ensemble", 1) != 1:
-      raise ValueError(f"--encoder=checkpoint:{workdir}: ensemble runs are not supported")
+      raise ValueError(f"encoder='checkpoint:{workdir}': ensemble runs are not supported")
     self.cfg = cfg
     graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
     self._embed = triplet.make_embed_fn(graphdef, cfg)
@@ -181,7 +180,6 @@ class CheckpointEmbedder(FaceEmbedder):
 
   def resize_chips(self, chips: np.ndarray) -> np.ndarray:
     """uint8 [N, 150, 150, 3] -> uint8 [N, H, W, C] as the run's images were loaded."""
-    from PIL import Image
     h, w = self.cfg.image_size
     out = np.empty((chips.shape[0], h, w, self.cfg.channels), np.uint8)
     for k, chip in enumerate(chips):  # PIL resizes one image at a time; N is a handful of faces
@@ -210,7 +208,13 @@ _EMBEDDERS: dict[str, FaceEmbedder] = {}
 
 
 def get_encoder(spec: str = "dlib") -> FaceEmbedder:
-  """``"dlib"`` or ``"checkpoint:PATH"`` -> a :class:`FaceEmbedder` (one per spec per process)."""
+  """``"dlib"`` or ``"checkpoint:PATH"`` -> a :class:`FaceEmbedder` (one per spec per process).
+
+  ``"dlib"`` (default): dlib's pretrained pipeline through :mod:`jaxface.faces` (MMOD
+  detector -> 5-point landmarks -> 150x150 aligned chip -> ResNet), 128-D descriptors,
+  not L2-normalized (same person when distance <= 0.6). ``"checkpoint:PATH"``: the
+  encoder of a triplet-experiment run, latest checkpoint (:class:`CheckpointEmbedder`).
+  """
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"encoder: expected 'dlib' or 'checkpoint:PATH', got {spec!r}")
   if spec not in _EMBEDDERS:
@@ -226,10 +230,11 @@ def get_encoder(spec: str = "dlib") -> FaceEmbedder:
 def encode_faces(image: Any, encoder: FaceEmbedder, *, upsample: int = 1) -> Faces:
   """Every face of ``image`` (a path or an array): boxes int64 [N, 4], embeddings float32 [N, D].
 
+  No face is an empty result (N = 0), not an error.
+
   Raises:
     jaxface.images.ImageError: the image cannot be read (message names it).
   """
-  from jaxface import faces
   label = _label(image)
   img = faces.load_image(image)
   boxes = faces.detect(img, upsample=upsample)
@@ -261,7 +266,8 @@ def largest(boxes: np.ndarray, image_hw: tuple[int, int] | None = None) -> int:
 
 
 def pick_one(found: Faces, *, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """(box int64 [4], embedding float32 [D]) of the one face an operation needs.
+  """(box int64 [4], embedding float32 [D]) of the one face an operation needs: with
+  several faces the main one (:func:`largest`), unless ``strict``.
 
   Raises:
     NoFaceError: no face in the image.
@@ -269,10 +275,10 @@ def pick_one(found: Faces, *, strict: bool = False) -> tuple[np.ndarray, np.ndar
   """
   n = len(found)
   if n == 0:
-    raise NoFaceError(f"{found.source}: no face found (try --upsample=1 for small faces)")
+    raise NoFaceError(f"{found.source}: no face found (try upsample=1 for small faces)")
   if n > 1 and strict:
-    raise SeveralFacesError(f"{found.source}: {n} faces found where one is needed (--strict); "
-                            "crop the image or drop --strict to use the largest face")
+    raise SeveralFacesError(f"{found.source}: {n} faces found where one is needed (strict=True); "
+                            "crop the image or pass strict=False to use the largest face")
   k = largest(found.boxes, found.image_hw) if n > 1 else 0
   return found.boxes[k], found.embeddings[k]
 

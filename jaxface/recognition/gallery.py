@@ -1,42 +1,11 @@
 """The enrolled-faces gallery, persisted in one SQLite file (standard library only).
 
-It holds who is enrolled (identities and their face embeddings), the
-thresholds fitted for them and how they were fitted, and a background cohort
-(faces of people who are not enrolled, for S-norm score normalisation).
-
-Layout (schema version 2)::
-
-  schema_version(version)                       one row
-  meta(key PRIMARY KEY, value)                  JSON values: "fingerprint", "dim", "threshold",
-                                                "calibration" (how the threshold was fitted)
-  identities(id, name UNIQUE, created, threshold NULL)
-  embeddings(id, identity_id -> identities(id) ON DELETE CASCADE, vector BLOB,
-             source_path, source_sha256, box, created)
-  cohort(id, vector BLOB, source_path, source_sha256, created)     (new in version 2)
-
-A version-1 file is upgraded in one transaction when opened writable, and read
-as it is (an empty cohort) when opened read-only; a newer version is refused.
-
-Embeddings are stored as raw little-endian float32 bytes (``ndarray.tobytes``)
-and read back with ``np.frombuffer`` after a length check (never pickle). The
-encoder fingerprint (e.g. model name, weights sha256, preprocessing) is a
-JSON object stored on the first enrollment; a gallery opened or enrolled into
-with a different fingerprint raises :class:`GalleryError` naming both, so
-embeddings of two encoders never mix. Identity names are stored in Unicode NFC
-(:func:`normalize_name`), so every spelling of "Zoë" is one identity.
-
-Every change (enroll, remove, rename, set_threshold(s), set_cohort) runs in its
-own ``BEGIN IMMEDIATE`` transaction in WAL mode with ``synchronous=FULL``: a
-process killed in the middle of a change leaves the file exactly as it was
-before that change (SQLite rolls the unfinished transaction back on the next
-open), and a finished change survives a power cut.
-
-``Gallery(path, readonly=True)`` reads a gallery that cannot (or must not) be
-written: a read-only file, a read-only folder or file system. In a folder it
-cannot write in, SQLite cannot create the WAL index (``-shm``) beside the file,
-so the file is then opened ``immutable=1``; caveat: such a reader does not see
-changes a concurrent writer makes (nor changes still in an un-checkpointed
-``-wal`` file). :func:`writable_problem` says why a gallery cannot be written.
+A :class:`Gallery` holds who is enrolled (identities and their face embeddings),
+the thresholds fitted for them and how they were fitted, and a background cohort
+(faces of people who are not enrolled, for S-norm score normalisation). Changes
+are atomic and durable; embeddings of two encoders never mix (the encoder
+fingerprint is checked). :func:`writable_problem` says why a gallery cannot be
+written.
 """
 
 from __future__ import annotations
@@ -49,7 +18,8 @@ import sqlite3
 import tempfile
 import unicodedata
 import urllib.parse
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +31,12 @@ SCHEMA_VERSION = 2
 (_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_CANTOPEN,
  _SQLITE_NOTADB) = 5, 6, 8, 11, 14, 26
 
+# Schema version 2: schema_version (one row); meta (JSON values: "fingerprint", "dim",
+# "threshold", "calibration" = how the threshold was fitted); identities; embeddings
+# (ON DELETE CASCADE with their identity); cohort (new in version 2). A version-1 file is
+# upgraded in one transaction when opened writable, and read as it is (an empty cohort) when
+# opened read-only; a newer version is refused. Vectors are raw little-endian float32 bytes
+# (``ndarray.tobytes``), read back with ``np.frombuffer`` after a length check (never pickle).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,7 +80,7 @@ class GalleryError(ValueError):
 
 
 def _now() -> str:
-  return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+  return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _canonical(fingerprint: dict) -> str:
@@ -280,6 +256,18 @@ def _check_box(box: Any, where: str) -> str | None:
 class Gallery:
   """Enrolled identities and their face embeddings in the SQLite file ``path``.
 
+  The encoder fingerprint (e.g. model name, weights sha256, preprocessing) is a
+  JSON object stored on the first enrollment; a gallery opened or enrolled into
+  with a different fingerprint raises :class:`GalleryError` naming both, so
+  embeddings of two encoders never mix. Identity names are stored in Unicode NFC
+  (:func:`normalize_name`), so every spelling of "Zoë" is one identity.
+
+  Every change (enroll, remove, rename, set_threshold(s), set_cohort) runs in its
+  own ``BEGIN IMMEDIATE`` transaction in WAL mode with ``synchronous=FULL``: a
+  process killed in the middle of a change leaves the file exactly as it was
+  before that change (SQLite rolls the unfinished transaction back on the next
+  open), and a finished change survives a power cut.
+
   Args:
     path: the gallery file; created (with its schema) when absent and
       ``create``. Its folder must exist.
@@ -289,8 +277,12 @@ class Gallery:
       renaming, searching what is stored), but :meth:`enroll` and
       :meth:`set_cohort` refuse: new embeddings are only accepted with a
       fingerprint to check.
-    readonly: open for reading only (``mode=ro``; ``immutable=1`` when the
-      folder is not writable, see the module docstring for the caveat).
+    readonly: open for reading only (``mode=ro``), for a gallery that cannot
+      (or must not) be written: a read-only file, folder or file system. In a
+      folder it cannot write in, SQLite cannot create the WAL index (``-shm``)
+      beside the file, so the file is then opened ``immutable=1``; caveat: such
+      a reader does not see changes a concurrent writer makes (nor changes still
+      in an un-checkpointed ``-wal`` file).
       Nothing is ever written to the file, a version-1 file is not upgraded,
       and every change method raises :class:`GalleryError`. Implies
       ``create=False``.
@@ -445,7 +437,7 @@ class Gallery:
         db.execute("UPDATE schema_version SET version = 2")
 
   class _Tx:
-    def __init__(self, gallery: "Gallery", action: str):
+    def __init__(self, gallery: Gallery, action: str):
       self.gallery = gallery
       self.db = gallery._db
       self.action = action
@@ -480,7 +472,7 @@ class Gallery:
         raise self.gallery._write_error(self.action, exc) from exc
       return False
 
-  def _transaction(self, action: str) -> "_Tx":
+  def _transaction(self, action: str) -> _Tx:
     self._check_writable(action)
     return Gallery._Tx(self, action)
 
@@ -859,7 +851,7 @@ class Gallery:
   def close(self) -> None:
     self._db.close()
 
-  def __enter__(self) -> "Gallery":
+  def __enter__(self) -> Gallery:
     return self
 
   def __exit__(self, *exc) -> None:

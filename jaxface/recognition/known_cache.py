@@ -1,16 +1,7 @@
 """A disk cache of the faces found in known-people images (``identify --known=DIR``).
 
 Entries are keyed by the image file's content (sha256), so a renamed or moved
-file is still found and an edited one is embedded again. One cache file holds
-the entries of one encoder fingerprint and one detector ``upsample`` setting;
-its name is a digest of both, and the file repeats them, so embeddings of
-another encoder are never returned. Every face of an image is stored (boxes
-and embeddings, possibly none), so the one-face rules (largest face,
-``strict``) are applied by the caller as for a freshly embedded image.
-
-The file (NumPy ``.npz``, no pickle) is written atomically: a temporary file
-in the same folder, fsynced, then renamed over the old one. A damaged or
-unreadable cache is reported through ``warn`` and rebuilt from scratch.
+file is still found and an edited one is embedded again (:class:`KnownFaceCache`).
 """
 
 from __future__ import annotations
@@ -20,9 +11,11 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+
+from jaxface import paths
 
 FORMAT_VERSION = 1
 SUBDIR = "known_faces"
@@ -30,7 +23,6 @@ SUBDIR = "known_faces"
 
 def default_dir() -> str:
   """``$JAXFACE_CACHE/known_faces`` (default ``~/.cache/jaxface/known_faces``)."""
-  from jaxface import paths
   return os.path.join(paths.cache_dir(), SUBDIR)
 
 
@@ -41,6 +33,13 @@ def _key(fingerprint: dict, upsample: int) -> str:
 
 class KnownFaceCache:
   """Faces per image content for one (encoder ``fingerprint``, ``upsample``).
+
+  One cache file holds the entries of one encoder fingerprint and one detector
+  ``upsample`` setting; its name is a digest of both, and the file repeats them,
+  so embeddings of another encoder are never returned. Every face of an image is
+  stored (boxes and embeddings, possibly none), so the one-face rules (largest
+  face, ``strict``) are applied by the caller as for a freshly embedded image. A
+  damaged or unreadable cache is reported through ``warn`` and rebuilt from scratch.
 
   Args:
     fingerprint: the encoder's fingerprint dict (JSON-serializable).
@@ -127,7 +126,8 @@ class KnownFaceCache:
       self._entries[sha] = (boxes[end - n:end], embs[end - n:end], (hw[0], hw[1]))
 
   def save(self) -> None:
-    """Writes the cache atomically when something changed (creates its folder)."""
+    """Writes the cache atomically when something changed (creates its folder): NumPy ``.npz``
+    (no pickle) into a temporary file in the same folder, fsynced, then renamed over the old one."""
     if not self._dirty:
       return
     os.makedirs(self.folder, exist_ok=True)

@@ -1,24 +1,12 @@
 """One-shot open-set 1:K identification: FPIR thresholds and DIR (host NumPy, float64).
 
-A *search* compares one probe with a gallery of K enrolled identities and
-keeps its top-1 (nearest) gallery row; it is accepted when the top-1 score is
-<= the threshold (lower = more alike: Euclidean distances, or S-norm scores).
-
-* mated search: the probe's identity is enrolled. It counts towards the
-  detection and identification rate, DIR, when its top-1 is the right
-  identity *and* accepted.
-* non-mated search: the probe's identity is not enrolled. The false positive
-  identification rate, FPIR, is the share of them accepted (as anyone).
-
-A per-pair false-accept rate is the wrong target for a gallery: a non-mated
-probe is accepted when *any* of the K enrolled faces is close enough, so at a
-fixed threshold FPIR grows with K (about K times the pair FAR for small
-rates). :func:`fpir_threshold` therefore calibrates on simulated galleries of
-the size that will be deployed (:func:`simulate_one_shot`).
-
-Thresholds lie between observed scores (midpoints), like
-:func:`jaxface.recognition.calibrate.threshold_for_far`, which this module
-calls on the non-mated top-1 scores.
+A *search* compares one probe with a gallery of K enrolled identities and keeps
+its top-1 (nearest) row; it is accepted when that score is <= the threshold
+(lower = more alike: Euclidean distances, or S-norm scores). A mated search (the
+probe's identity is enrolled) counts towards the detection and identification
+rate, DIR, when its top-1 is the right identity *and* accepted; the false positive
+identification rate, FPIR, is the share of non-mated searches accepted (as anyone).
+:func:`fpir_threshold` calibrates on simulated galleries of the deployed size.
 """
 
 from __future__ import annotations
@@ -80,7 +68,8 @@ def threshold_for_fpir(nonmated_scores: Any, target_fpir: float) -> float:
 
   Accept when ``score <= threshold``. Tied scores are accepted or rejected
   together; the result is the midpoint between the largest accepted score
-  and the next larger one (below every score when none may be accepted).
+  and the next larger one (below every score when none may be accepted), by
+  :func:`jaxface.recognition.calibrate.threshold_for_far`.
 
   Args:
     nonmated_scores: [Q] top-1 scores of non-mated searches.
@@ -208,7 +197,7 @@ def simulate_one_shot(embeddings: Any, labels: Any, gallery_size: int, *, rounds
     seed: seed of the draws.
     score: ``"distance"`` (Euclidean) or ``"snorm"`` (symmetric S-norm of
       squared distances against the cohort, see
-      :mod:`jaxface.recognition.score_norm`).
+      :mod:`jaxface.score_norm`).
     cohort: None, a [N] bool mask or int row indexes: background faces never
       enrolled nor searched (required for ``"snorm"``, >= 2 rows). Whole
       identities only: an identity cannot be partly in the cohort.
@@ -324,6 +313,11 @@ def fpir_threshold(embeddings: Any, labels: Any, gallery_size: int, target_fpir:
                    rounds: int = 10, seed: int = 0, score: str = "distance", cohort: Any = None,
                    top_k: int = 0) -> tuple[float, dict[str, Any]]:
   """Threshold whose FPIR on simulated one-shot galleries of ``gallery_size`` is <= target.
+
+  A per-pair false-accept rate is the wrong target for a gallery: a non-mated
+  probe is accepted when *any* of the K enrolled faces is close enough, so at a
+  fixed threshold FPIR grows with K (about K times the pair FAR for small
+  rates); hence galleries of the size that will be deployed.
 
   Runs :func:`simulate_one_shot` and :func:`dir_at_fpir` on the pooled searches.
 

@@ -1,62 +1,41 @@
 """Nearest-neighbour decisions over a gallery of face embeddings (pure jnp, jitted).
 
 1:K identification compares a batch of queries [Q, D] with the whole gallery
-[M, D]. The gallery is cut into equal chunks of C rows (the last one padded),
-kept on the device, and scanned with ``lax.scan``: per chunk the squared
-distances come from the norm expansion ``||q||^2 - 2 q.g + ||g||^2`` (one
-HIGHEST-precision matmul, no [Q, C, D] difference tensor) and a running top-k
-is merged with the chunk's top-k. Peak memory is the gallery plus one
-[Q, C] float32 block, so 1e6 x 128 embeddings (512 MB) against 256 queries
-with C = 65536 needs ~64 MB on top of the gallery.
-
-The norm expansion loses precision for near-identical vectors (absolute error
-~1e-7 in d^2, i.e. ~3e-4 in d near 0), so the k winners' distances are then
-recomputed exactly from differences ([Q, k, D], cheap) and re-sorted; the
-returned distances are Euclidean (the dlib rule: same person if d <= 0.6).
-
-Ties are broken towards the lower gallery row (``lax.top_k`` keeps the lower
-index first and the running state always holds earlier rows than the chunk).
-Recompilation: compiled shapes are (query bucket, number of chunks, chunk
-rows, D, k); queries are padded to a power of two (>= 8, blocks of at most
-1024 queries, so [Q, C] stays bounded for any Q) and the chunk rows
-to a multiple of 256, so repeated calls against one gallery never recompile.
-
-Several devices: ``SearchIndex(..., devices=jax.devices())`` shards the
-gallery rows over them and merges the per-shard top-k
-(:mod:`jaxface.recognition.sharded_search`), with the same results.
-
-``approx=True`` takes each chunk's candidates with ``jax.lax.approx_max_k``
-instead of ``lax.top_k``. On TPU that is the partial-reduce approximate
-top-k of arXiv:2206.14286, where ``recall_target`` is the expected fraction
-of the true top-k returned (an average under the algorithm's model of
-random placement, not a per-query bound). On CPU and GPU, JAX lowers the op
-to an exact sort ("fallback"), so the results equal the exact search
-(recall 1.0, measured on CPU: 1e5 x 128 gallery, k = 5); it is only useful
-there for testing the option. The exact distances of the returned rows are
-recomputed either way.
+[M, D] (:class:`SearchIndex`, :func:`identify`) by a chunked running top-k
+(:func:`jaxface.recognition.scan.scan_topk`), on one device or sharded over
+several (:mod:`jaxface.recognition.sharded_search`) with the same results;
+:func:`verify` is the 1:1 decision. Imports go one way: this module ->
+sharded_search -> scan.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxface.parallel import mesh as mesh_lib
+from jaxface.recognition import scan, sharded_search
+from jaxface.recognition.scan import layout, scan_topk
+
 __all__ = ["SearchIndex", "identify", "verify", "brute_force", "distinct_candidates",
            "scan_topk", "layout", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 65536
-_ROW_MULTIPLE = 256
 _MIN_QUERY_BUCKET = 8
 _MAX_QUERY_BLOCK = 1024
 
-# Incremented each time a search kernel is traced; the tests use it to prove
-# that a second call with the same shapes does not recompile.
-trace_count = 0
+
+
+def __getattr__(name: str) -> Any:
+  # ``trace_count``: traces of every search kernel so far (kept in ``scan``, which all
+  # kernels share); the tests use it to prove that a repeated call does not recompile.
+  if name == "trace_count":
+    return scan.trace_count
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_matrix(x: Any, name: str, *, dim: int | None = None, allow_empty: bool = False) -> np.ndarray:
@@ -87,10 +66,6 @@ def _check_k(k: Any) -> int:
   return int(k)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _query_bucket(q: int) -> int:
   return max(_MIN_QUERY_BUCKET, 1 << max(0, (q - 1).bit_length()))
 
@@ -100,57 +75,6 @@ def _check_recall(recall_target: Any) -> float:
       or not 0.0 < float(recall_target) <= 1.0:
     raise ValueError(f"recall_target: expected a number in (0, 1], got {recall_target!r}")
   return float(recall_target)
-
-
-def scan_topk(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k: int, *,
-              approx: bool = False, recall_target: float = 0.95
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Chunked running top-k of one gallery (a pure function, traced inside jit/shard_map).
-
-  Args:
-    queries: [Q, D] float32.
-    chunks: [n, C, D] float32 gallery, padded rows anywhere after the real ones.
-    sq_norms: [n, C] float32 ||g||^2, +inf on padded rows (so they never win).
-    k: static number of neighbours.
-    approx: take each chunk's candidates with ``jax.lax.approx_max_k`` (TPU's
-      partial-reduce op; other backends lower it to an exact sort) instead
-      of ``jax.lax.top_k``.
-    recall_target: ``approx_max_k``'s expected recall (ignored unless approx).
-
-  Returns:
-    (d2 [Q, k] float32 norm-expansion squared distances, ascending, ties ->
-    lower row; row [Q, k] int32 rows of ``chunks.reshape(-1, D)``; exact
-    [Q, k] float32 Euclidean distances of those rows recomputed from
-    differences, +inf where d2 is +inf), not re-sorted by ``exact``.
-  """
-  num_chunks, rows, dim = chunks.shape
-  q_sq = jnp.sum(queries * queries, axis=1, keepdims=True)              # [Q, 1]
-  kc = min(k, rows)
-
-  def step(carry, xs):
-    best_d, best_i = carry                                              # [Q, k] each
-    g, g_sq, base = xs                                                  # [C, D], [C], []
-    dots = jnp.matmul(queries, g.T, precision=jax.lax.Precision.HIGHEST)
-    d2 = q_sq - 2.0 * dots + g_sq[None, :]                              # [Q, C]; +inf on pads
-    if approx:
-      neg, idx = jax.lax.approx_max_k(-d2, kc, recall_target=recall_target)
-    else:
-      neg, idx = jax.lax.top_k(-d2, kc)
-    cand_d = jnp.concatenate([best_d, -neg], axis=1)
-    cand_i = jnp.concatenate([best_i, idx.astype(jnp.int32) + base], axis=1)
-    neg2, pick = jax.lax.top_k(-cand_d, k)
-    return (-neg2, jnp.take_along_axis(cand_i, pick, axis=1)), None
-
-  q = queries.shape[0]
-  init = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.zeros((q, k), jnp.int32))
-  bases = jnp.arange(num_chunks, dtype=jnp.int32) * rows
-  (approx_d, index), _ = jax.lax.scan(step, init, (chunks, sq_norms, bases))
-  # Exact distances of the winners from differences.
-  flat = chunks.reshape(num_chunks * rows, dim)
-  diff = queries[:, None, :] - flat[index]                              # [Q, k, D]
-  exact = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
-  exact = jnp.where(jnp.isinf(approx_d), jnp.inf, exact)
-  return approx_d, index, exact
 
 
 @functools.partial(jax.jit, static_argnames=("k", "approx", "recall_target"))
@@ -163,32 +87,11 @@ def _search_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, k
     (index [Q, k] int32 global gallery rows, dist [Q, k] float32 Euclidean,
     ascending); rows beyond the gallery come back as +inf distance.
   """
-  global trace_count
-  trace_count += 1
+  scan.count_trace()
   _, index, exact = scan_topk(queries, chunks, sq_norms, k, approx=approx,
                               recall_target=recall_target)
   order = jnp.argsort(exact, axis=1, stable=True)
   return (jnp.take_along_axis(index, order, axis=1), jnp.take_along_axis(exact, order, axis=1))
-
-
-def layout(emb: np.ndarray, chunk: int, num_chunks: int | None = None, rows: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Pads [M, D] float32 into chunks: ([n, C, D] float32, [n, C] float32 ||g||^2, +inf on pads).
-
-  ``num_chunks`` / ``rows`` force the layout (the sharded index gives every
-  shard the same one); by default n = ceil(M / chunk) even chunks, rounded up
-  to a lane-friendly multiple of 256 rows (< 256 wasted rows per chunk).
-  """
-  m, dim = emb.shape
-  if num_chunks is None:
-    num_chunks = max(1, math.ceil(m / chunk))
-  if rows is None:
-    rows = _round_up(max(1, math.ceil(m / num_chunks)), _ROW_MULTIPLE)
-  padded = np.zeros((num_chunks * rows, dim), np.float32)
-  padded[:m] = emb
-  sq = np.full((num_chunks * rows,), np.inf, np.float32)
-  sq[:m] = np.einsum("md,md->m", emb, emb)
-  return padded.reshape(num_chunks, rows, dim), sq.reshape(num_chunks, rows)
 
 
 class SearchIndex:
@@ -198,17 +101,22 @@ class SearchIndex:
     embeddings: [M, D] float gallery embeddings (M >= 1).
     identity_ids: [M] int identity of each row.
     chunk: maximum rows per scanned chunk (>= 1); bounds the [Q, chunk]
-      distance block held in memory (per device when sharded).
+      distance block held in memory (per device when sharded). The gallery is
+      cut into equal chunks (the last one padded) kept on the device and
+      scanned with ``lax.scan`` (:func:`scan_topk`): peak memory is the gallery
+      plus one [Q, C] float32 block, so 1e6 x 128 embeddings (512 MB) against
+      256 queries with C = 65536 need ~64 MB on top of the gallery.
     devices: None (the default device), or a sequence of distinct devices
       (e.g. ``jax.devices()``): the gallery rows are then split into
       ``len(devices)`` contiguous shards on a ``("data",)`` mesh, each device
       scans its shard and the per-shard top-k are merged
       (:mod:`jaxface.recognition.sharded_search`); same results as one device.
     approx: pick each chunk's candidates with ``jax.lax.approx_max_k``
-      (faster on TPU, where it may miss true neighbours; on CPU and GPU JAX
-      lowers it to an exact sort, so recall is 1). The exact distances of the
-      returned rows are still recomputed; ties are not guaranteed to go to
-      the lower row.
+      (faster on TPU, where it is the partial-reduce approximate top-k of
+      arXiv:2206.14286 and may miss true neighbours; on CPU and GPU JAX lowers
+      it to an exact sort ("fallback"), so recall is 1 and the option is only
+      useful there for testing it). The exact distances of the returned rows
+      are still recomputed; ties are not guaranteed to go to the lower row.
     recall_target: ``approx_max_k``'s expected fraction of the true top
       neighbours returned (an average under its random-placement model, not a
       per-query guarantee); ignored unless ``approx``.
@@ -238,16 +146,14 @@ class SearchIndex:
       self._chunks = jax.device_put(chunks)
       self._sq_norms = jax.device_put(sq)
     else:
-      from jaxface.recognition import sharded_search  # noqa: PLC0415 -- it imports this module
-      self.mesh = sharded_search.make_mesh(devices)
+      self.mesh = mesh_lib.mesh_over(devices)
       self._chunks, self._sq_norms, self._shard_rows = sharded_search.place(emb, int(chunk), self.mesh)
-      self._replicated = sharded_search.replicated(self.mesh)
+      self._replicated = mesh_lib.replicated(self.mesh)
 
   def _kernel(self, block: np.ndarray, k: int) -> tuple[jax.Array, jax.Array]:
     if self.mesh is None:
       return _search_kernel(jnp.asarray(block), self._chunks, self._sq_norms, k,
                             self.approx, self.recall_target)
-    from jaxface.recognition import sharded_search  # noqa: PLC0415
     return sharded_search.sharded_kernel(
         jax.device_put(block, self._replicated), self._chunks, self._sq_norms, k=k,
         approx=self.approx, recall_target=self.recall_target, shard_rows=self._shard_rows,
@@ -256,7 +162,12 @@ class SearchIndex:
   def search(self, queries: Any, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """k nearest gallery rows: (row index [Q, k] int64, distance [Q, k] float32).
 
-    Missing neighbours (k > M) have row -1 and distance +inf.
+    Distances are Euclidean (the dlib rule: same person if d <= 0.6), ascending;
+    ties go to the lower gallery row. Missing neighbours (k > M) have row -1 and
+    distance +inf. Compiled shapes are (query bucket, number of chunks, chunk
+    rows, D, k); queries are padded to a power of two (>= 8, blocks of at most
+    1024 queries, so [Q, C] stays bounded for any Q) and the chunk rows to a
+    multiple of 256, so repeated calls against one gallery never recompile.
     """
     k = _check_k(k)
     q = _check_matrix(queries, "queries", dim=self.dim)
@@ -349,8 +260,7 @@ def identify(queries: Any, gallery_emb: Any, gallery_ids: Any, *, k: int = 5, th
 @jax.jit
 def _min_distance(queries: jax.Array, claimed: jax.Array) -> jax.Array:
   """[Q] min Euclidean distance of each query [Q, D] to the claimed rows [N, D]."""
-  global trace_count
-  trace_count += 1
+  scan.count_trace()
   diff = queries[:, None, :] - claimed[None, :, :]
   return jnp.sqrt(jnp.min(jnp.sum(diff * diff, axis=-1), axis=1))
 

@@ -1,73 +1,43 @@
 """1:K search with the gallery sharded by rows over several devices (``jax.shard_map``).
 
 Used through ``SearchIndex(..., devices=jax.devices())`` or
-``identify(..., devices=...)``. Layout: the M gallery rows are cut into S =
-``len(devices)`` contiguous shards of R = ceil(M / S) rows (the last shards
-may hold fewer real rows, even none), every shard padded to the same
-[n, C, D] chunk layout as the single-device index, and the stacked
-[S * n, C, D] array is placed with ``NamedSharding(mesh, P("data"))`` on a
-one-axis ``("data",)`` mesh, so each device holds exactly its shard.
-Queries are replicated.
-
-Per call, every device runs the single-device chunked scan
-(:func:`jaxface.recognition.search.scan_topk`, exact ``top_k`` or
-``approx_max_k``) over its shard and returns k candidates (norm-expansion
-d2, global row = shard * R + local row, exact distance). The S * k
-candidates are merged with one ``top_k`` on d2 in shard order, so equal
-distances keep the lower global row exactly as the single-device running
-merge does, and the winners are re-sorted by their exact distance (stable).
-The candidates are [S, Q, k] -- the only data that crosses devices.
-
-Same results as the single-device index up to float near-ties: the d2 of a
-row may differ in the last bits when the chunk shapes differ, which can swap
-rows whose distances agree to ~1e-6. Compiled shapes: (query bucket, S * n,
-C, D, k, approx, recall_target, mesh); repeated calls never recompile.
+``identify(..., devices=...)``: :func:`place` splits the gallery into one
+contiguous shard per device of a ``("data",)`` mesh, queries are replicated, and
+:func:`sharded_kernel` scans every shard and merges the per-shard top-k, with the
+same results as the single-device index.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxface.recognition import search
+from jaxface.parallel import mesh as mesh_lib
+from jaxface.recognition import scan
 
-__all__ = ["make_mesh", "place", "replicated", "sharded_kernel"]
+__all__ = ["place", "sharded_kernel"]
 
-AXIS = "data"
-
-
-def make_mesh(devices: Sequence[Any]) -> Mesh:
-  """A one-axis ``("data",)`` mesh over ``devices`` (distinct jax devices, at least one)."""
-  try:
-    devs = list(devices)
-  except TypeError:
-    raise ValueError(f"devices: expected a sequence of jax devices, got {devices!r}") from None
-  if not devs:
-    raise ValueError("devices: expected at least one device, got an empty sequence")
-  if not all(isinstance(d, jax.Device) for d in devs):
-    raise ValueError(f"devices: expected jax devices (e.g. jax.devices()), got {devs!r}")
-  if len({d.id for d in devs}) != len(devs):
-    raise ValueError(f"devices: a device is listed twice: {devs}")
-  return Mesh(np.array(devs), (AXIS,))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+AXIS = mesh_lib.DATA
 
 
 def place(emb: np.ndarray, chunk: int, mesh: Mesh) -> tuple[jax.Array, jax.Array, int]:
   """Lays the gallery out as shards on ``mesh``.
 
+  The M gallery rows are cut into S = ``len(devices)`` contiguous shards of
+  R = ceil(M / S) rows (the last shards may hold fewer real rows, even none),
+  every shard padded to the same [n, C, D] chunk layout as the single-device
+  index, and the stacked [S * n, C, D] array is placed with
+  ``NamedSharding(mesh, P("data"))``, so each device holds exactly its shard.
+
   Args:
     emb: [M, D] float32 gallery (checked).
     chunk: maximum rows per scanned chunk within a shard.
-    mesh: the ``("data",)`` mesh of S devices.
+    mesh: the ``("data",)`` mesh of S devices (``jaxface.parallel.mesh.mesh_over``).
 
   Returns:
     (chunks [S * n, C, D] float32, sq_norms [S * n, C] float32 with +inf on
@@ -77,11 +47,11 @@ def place(emb: np.ndarray, chunk: int, mesh: Mesh) -> tuple[jax.Array, jax.Array
   shards = mesh.devices.size
   shard_rows = math.ceil(m / shards)
   num_chunks = max(1, math.ceil(shard_rows / chunk))
-  rows = search._round_up(math.ceil(shard_rows / num_chunks), search._ROW_MULTIPLE)  # noqa: SLF001
-  sharding = NamedSharding(mesh, P(AXIS))
+  rows = scan.round_up(math.ceil(shard_rows / num_chunks), scan.ROW_MULTIPLE)
+  sharding = mesh_lib.batch_sharding(mesh)
 
   def shard(s):
-    return search.layout(emb[s * shard_rows:(s + 1) * shard_rows], chunk, num_chunks, rows)
+    return scan.layout(emb[s * shard_rows:(s + 1) * shard_rows], chunk, num_chunks, rows)
 
   parts = [shard(s) for s in range(shards)]
   # Each device receives only its own shard (no full host->every-device copy).
@@ -101,11 +71,23 @@ def sharded_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, *
                    ) -> tuple[jax.Array, jax.Array]:
   """k nearest gallery rows over all shards.
 
+  Every device runs the single-device chunked scan over its shard and returns
+  k candidates (norm-expansion d2, global row = shard * R + local row, exact
+  distance). The S * k candidates are merged with one ``top_k`` on d2 in shard
+  order, so equal distances keep the lower global row exactly as the
+  single-device running merge does, and the winners are re-sorted by their
+  exact distance (stable). The candidates are [S, Q, k] -- the only data that
+  crosses devices. Same results as the single-device index up to float
+  near-ties: the d2 of a row may differ in the last bits when the chunk shapes
+  differ, which can swap rows whose distances agree to ~1e-6. Compiled shapes:
+  (query bucket, S * n, C, D, k, approx, recall_target, mesh); repeated calls
+  never recompile.
+
   Args:
     queries: [Q, D] float32, replicated.
     chunks: [S * n, C, D] float32, sharded on "data" (from :func:`place`).
     sq_norms: [S * n, C] float32, sharded likewise.
-    k, approx, recall_target: as in ``search.scan_topk``.
+    k, approx, recall_target: as in ``scan.scan_topk``.
     shard_rows: R, gallery rows per shard (global row = shard * R + local).
     mesh: the mesh the gallery lives on.
 
@@ -113,11 +95,11 @@ def sharded_kernel(queries: jax.Array, chunks: jax.Array, sq_norms: jax.Array, *
     (index [Q, k] int32 global gallery rows, dist [Q, k] float32 Euclidean,
     ascending; +inf past the gallery), replicated.
   """
-  search.trace_count += 1
+  scan.count_trace()
   num_q = queries.shape[0]
 
   def per_shard(q, c, s):
-    d2, local, exact = search.scan_topk(q, c, s, k, approx=approx, recall_target=recall_target)
+    d2, local, exact = scan.scan_topk(q, c, s, k, approx=approx, recall_target=recall_target)
     # Local rows run over this shard's padded [n * C] layout; real rows are < R.
     base = jax.lax.axis_index(AXIS) * shard_rows
     return d2[None], (local + base)[None], exact[None]

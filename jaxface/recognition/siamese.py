@@ -1,24 +1,10 @@
 """Siamese verification head: logistic regression on pair features of two embeddings.
 
 The lecture's alternative to a distance threshold: for embeddings f1, f2 of two
-faces, ``p(same) = sigmoid(sum_k w_k * x_k + b)`` with pair features ``x``:
-
-* ``abs``:  ``|f1_k - f2_k|`` (D features);
-* ``chi2``: ``(f1_k - f2_k)^2 / (|f1_k| + |f2_k| + eps)`` (D features). The
-  lecture writes the denominator ``f1_k + f2_k`` for non-negative features;
-  dlib's descriptors take both signs, so the absolute values keep it positive
-  (identical to the lecture's form when both are >= 0);
-* ``abs+chi2``: both (2D features).
-
-Training (:func:`train`): full-batch Adam on the mean binary cross-entropy plus
-``l2 * |w|^2`` (the bias is not decayed), one jitted pure step; optional early
-stopping on a held-out validation split. Saved and restored with orbax
-(:func:`save`, :func:`load`), the config stored with the weights.
-
-Pairs come from an image folder (:func:`folder_pairs`: every same-identity pair
-and as many different-identity pairs, sampled with a seed, balanced) or an
-LFW-format pair list (:func:`lfw_pairs`, parsing reused from
-``experiments.lfw_eval``).
+faces, ``p(same) = sigmoid(sum_k w_k * x_k + b)`` with pair features ``x``
+(:func:`pair_features`). Trained by :func:`train`, saved and restored with orbax
+(:func:`save`, :func:`load`; the config stored with the weights). Pairs come from
+an image folder (:func:`folder_pairs`) or an LFW-format pair list (:func:`lfw_pairs`).
 """
 
 from __future__ import annotations
@@ -27,9 +13,18 @@ import dataclasses
 import itertools
 import math
 import os
-from typing import Any, Callable
+import shutil
+from collections.abc import Callable
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+
+from jaxface import checkpointing
+from jaxface.data import lfw
 
 FEATURES = ("abs", "chi2", "abs+chi2")
 CHI2_EPS = 1e-6
@@ -46,7 +41,7 @@ class SiameseConfig:
   patience: int = 100          # steps without validation improvement before stopping
   seed: int = 0
 
-  def validate(self) -> "SiameseConfig":
+  def validate(self) -> SiameseConfig:
     if self.features not in FEATURES:
       raise ValueError(f"features: expected one of {FEATURES}, got {self.features!r}")
     if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -72,8 +67,15 @@ def num_features(kind: str, dim: int) -> int:
 
 
 def pair_features(e1, e2, kind: str = "abs"):
-  """Pair features of embeddings ``e1, e2`` float32 [N, D] -> float32 [N, F] (jnp, jittable)."""
-  import jax.numpy as jnp
+  """Pair features of embeddings ``e1, e2`` float32 [N, D] -> float32 [N, F] (jnp, jittable).
+
+  * ``abs``:  ``|f1_k - f2_k|`` (D features);
+  * ``chi2``: ``(f1_k - f2_k)^2 / (|f1_k| + |f2_k| + eps)`` (D features). The
+    lecture writes the denominator ``f1_k + f2_k`` for non-negative features;
+    dlib's descriptors take both signs, so the absolute values keep it positive
+    (identical to the lecture's form when both are >= 0);
+  * ``abs+chi2``: both (2D features).
+  """
   if kind not in FEATURES:
     raise ValueError(f"features: expected one of {FEATURES}, got {kind!r}")
   a, b = jnp.asarray(e1, jnp.float32), jnp.asarray(e2, jnp.float32)
@@ -87,34 +89,25 @@ def pair_features(e1, e2, kind: str = "abs"):
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-def _head_cls():
-  import jax.numpy as jnp
-  from flax import nnx
+class SiameseHead(nnx.Module):
+  """``logit = x @ w + b`` on pair features x [N, F]; p(same) = sigmoid(logit)."""
 
-  class SiameseHead(nnx.Module):
-    """``logit = x @ w + b`` on pair features x [N, F]; p(same) = sigmoid(logit)."""
+  def __init__(self, num_features: int):
+    # Zeros: the convex problem needs no random start, and zeros make runs reproducible.
+    # jax arrays (not numpy): the jitted step then sees one input signature from the first call on.
+    self.w = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.b = nnx.Param(jnp.zeros((), jnp.float32))
 
-    def __init__(self, num_features: int):
-      # Zeros: the convex problem needs no random start, and zeros make runs reproducible.
-      # jax arrays (not numpy): the jitted step then sees one input signature from the first call on.
-      self.w = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-      self.b = nnx.Param(jnp.zeros((), jnp.float32))
-
-    def __call__(self, x):
-      return x @ self.w[...] + self.b[...]
-
-  return SiameseHead
+  def __call__(self, x):
+    return x @ self.w[...] + self.b[...]
 
 
-def build_head(num_features: int):
-  return _head_cls()(num_features)
+def build_head(num_features: int) -> SiameseHead:
+  return SiameseHead(num_features)
 
 
 def loss_fn(graphdef, params, x, y, l2: float):
   """Mean binary cross-entropy of logits vs labels y (float 0/1 [N]) + l2 * |w|^2."""
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
   logits = nnx.merge(graphdef, params)(x)
   bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
   return bce + l2 * jnp.sum(params["w"][...] ** 2)
@@ -131,8 +124,6 @@ class Siamese:
   meta: dict = dataclasses.field(default_factory=dict)  # e.g. the encoder fingerprint, saved with the head
 
   def __post_init__(self):
-    import jax
-    from flax import nnx
     kind = self.config.features
 
     @jax.jit
@@ -155,8 +146,6 @@ class Siamese:
 
 def make_train_step(graphdef, tx, l2: float) -> Callable:
   """Jitted pure ``step(params, opt_state, x, y, xv, yv) -> (params, opt_state, loss, val_loss)``."""
-  import jax
-  import optax
 
   def step(params, opt_state, x, y, xv, yv):
     loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, x, y, l2))(params)
@@ -171,7 +160,9 @@ def make_train_step(graphdef, tx, l2: float) -> Callable:
 
 def train(e1: np.ndarray, e2: np.ndarray, same: np.ndarray,
           config: SiameseConfig = SiameseConfig()) -> Siamese:
-  """Fits the head on labeled pairs.
+  """Fits the head on labeled pairs: full-batch Adam on the mean binary cross-entropy plus
+  ``l2 * |w|^2`` (the bias is not decayed), one jitted pure step; optional early stopping
+  on a held-out validation split.
 
   Args:
     e1, e2: float32 [N, D] embeddings of the two faces of each pair.
@@ -182,10 +173,6 @@ def train(e1: np.ndarray, e2: np.ndarray, same: np.ndarray,
   Returns:
     The trained :class:`Siamese` (``history``: steps run, best step, losses).
   """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
   config.validate()
   a, b = np.asarray(e1, np.float32), np.asarray(e2, np.float32)
   y = np.asarray(same)
@@ -247,9 +234,6 @@ def save(model: Siamese, workdir: str, *, overwrite: bool = False) -> str:
   Raises:
     FileExistsError: a head is already saved there and not ``overwrite``.
   """
-  import shutil
-  import jax
-  from jaxface import checkpointing
   os.makedirs(workdir, exist_ok=True)
   folder = os.path.join(workdir, "checkpoints")
   if os.path.exists(folder):
@@ -266,10 +250,6 @@ def save(model: Siamese, workdir: str, *, overwrite: bool = False) -> str:
 
 def load(workdir: str) -> Siamese:
   """Restores a head saved by :func:`save`; ValueError when the folder holds none."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from jaxface import checkpointing
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir}: no siamese head saved there (expected {workdir}/checkpoints)")
   with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
@@ -346,11 +326,5 @@ def folder_pairs(root: str, *, max_pairs: int = 2000, seed: int = 0
 
 
 def lfw_pairs(pairs_file: str, images_dir: str) -> tuple[list[str], list[str], np.ndarray]:
-  """An LFW pairs file -> (paths1, paths2, same bool [M]) under ``images_dir``."""
-  from experiments import lfw_eval
-  pairs = lfw_eval.read_pairs(pairs_file)
-  p1 = [os.path.join(images_dir, lfw_eval.image_relpath(n, int(i)))
-        for n, i in zip(pairs.name1, pairs.index1)]
-  p2 = [os.path.join(images_dir, lfw_eval.image_relpath(n, int(i)))
-        for n, i in zip(pairs.name2, pairs.index2)]
-  return p1, p2, np.asarray(pairs.same, np.bool_)
+  """An LFW pairs file -> (paths1, paths2, same bool [M]) under ``images_dir`` (:func:`lfw.pair_paths`)."""
+  return lfw.pair_paths(pairs_file, images_dir)

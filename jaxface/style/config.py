@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxface.config_dict import JsonConfig
-
+from jaxface.config_dict import JsonConfig, field
 
 OPTIMIZERS = ("adam", "lbfgs")
 INITS = ("noise", "content", "content_noise")
@@ -37,42 +36,51 @@ def _split(text: str) -> list[str]:
 class NSTConfig(JsonConfig):
   """Every setting of ``python -m experiments.nst`` (flag name = field name)."""
   # --- images
-  content: str = "builtin:scene"          # comma-separated content images (one batch); builtin:scene|builtin:checker or paths
-  style: str = "builtin:waves"            # comma-separated style images; builtin:waves|builtin:mosaic or paths
-  style_blend: str = ""                   # comma-separated weights, one per style image (default equal)
-  size: int = 256                         # longer side of the output, px (the last scale)
-  style_scale: float = 1.0                # style image longer side = style_scale * current output longer side
-  num_scales: int = 2                     # coarse-to-fine: scale k of n has longer side size / 2**(n-1-k)
-  steps: tuple[int, ...] = (300, 100)     # optimisation steps per scale (one value for all, or one per scale)
-  preserve_color: str = "none"            # none | luminance (transfer on luminance only) | histogram (match style colours to content)
+  content: str = field("builtin:scene",
+      "comma-separated content images (one batch); builtin:scene|builtin:checker or paths")
+  style: str = field("builtin:waves", "comma-separated style images; builtin:waves|builtin:mosaic or paths")
+  style_blend: str = field("", "comma-separated weights, one per style image (default equal)")
+  size: int = field(256, "longer side of the output, px (the last scale)")
+  style_scale: float = field(1.0, "style image longer side = style_scale * current output longer side")
+  num_scales: int = field(2, "coarse-to-fine: scale k of n has longer side size / 2**(n-1-k)")
+  steps: tuple[int, ...] = field((300, 100),
+      "optimisation steps per scale (one value for all, or one per scale)")
+  preserve_color: str = field("none",
+      "none | luminance (transfer on luminance only) | histogram (match style colours to content)")
   # --- network and costs
-  weights: str = ""                       # VGG19 weight file (.h5/.pth/.mat); empty: converted weights in the cache, else random
-  pooling: str = "max"                    # max | avg
-  conv_impl: str = "auto"                 # auto (measured per layer) | xla | winograd: VGG19 3x3 convolutions (jaxface.models.vgg19.input_grad_kernels)
-  content_layer: str = "relu4_2"
-  style_layers: str = "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1"
-  style_layer_weights: str = ""           # lambda_l per style layer, comma-separated (default 1/L each)
-  content_normalize: bool = False         # content cost 1/(4 nH nW nC) instead of 1/2
-  alpha: float = 1.0                      # content weight
-  beta: float = 1e7                       # style weight
-  tv_weight: float = 0.1                  # total variation weight (gamma)
+  weights: str = field("",
+      "VGG19 weight file (.h5/.pth/.mat); empty: converted weights in the cache, else random")
+  pooling: str = field("max", "max | avg")
+  conv_impl: str = field("auto",
+      "auto (measured per layer) | xla | winograd: VGG19 3x3 convolutions "
+      "(jaxface.models.vgg19.input_grad_kernels)")
+  content_layer: str = field("relu4_2", "VGG19 layer whose activations define the content cost")
+  style_layers: str = field(
+      "relu1_1,relu2_1,relu3_1,relu4_1,relu5_1",
+      "comma-separated VGG19 layers whose Gram matrices define the style cost")
+  style_layer_weights: str = field("", "lambda_l per style layer, comma-separated (default 1/L each)")
+  content_normalize: bool = field(False, "content cost 1/(4 nH nW nC) instead of 1/2")
+  alpha: float = field(1.0, "content weight")
+  beta: float = field(1e7, "style weight")
+  tv_weight: float = field(0.1, "total variation weight (gamma)")
   # --- optimisation
-  optimizer: str = "adam"                 # adam | lbfgs
-  learning_rate: float = 0.02             # Adam step size (pixels in [0, 1])
-  init: str = "content"                   # noise | content | content_noise
-  noise_ratio: float = 0.3                # content_noise: (1 - r) content + r uniform noise
-  seed: int = 0
-  num_devices: int = 1                    # devices the content batch is split over (0 = all); must divide the number of content images
+  optimizer: str = field("adam", "adam | lbfgs")
+  learning_rate: float = field(0.02, "Adam step size (pixels in [0, 1])")
+  init: str = field("content", "noise | content | content_noise")
+  noise_ratio: float = field(0.3, "content_noise: (1 - r) content + r uniform noise")
+  seed: int = field(0, "random seed: noise initialisation, and VGG19 weights when none are loaded")
+  num_devices: int = field(1,
+      "devices the content batch is split over (0 = all); must divide the number of content images")
   # --- several processes (jaxface.parallel.distributed; multi-host: pass --num_devices=0)
-  distributed: str = "off"                # off | on | auto: jax.distributed.initialize (multi-process)
-  coordinator_address: str = ""           # host:port of process 0 ("" = detect: TPU pod, SLURM, ...)
-  num_processes: int = 0                  # with --coordinator_address: number of processes
-  process_id: int = -1                    # with --coordinator_address: this process's rank
+  distributed: str = field("off", "off | on | auto: jax.distributed.initialize (multi-process)")
+  coordinator_address: str = field("", 'host:port of process 0 ("" = detect: TPU pod, SLURM, ...)')
+  num_processes: int = field(0, "with --coordinator_address: number of processes")
+  process_id: int = field(-1, "with --coordinator_address: this process's rank")
   # --- bookkeeping
-  log_every: int = 20
-  checkpoint_every: int = 100
-  snapshot_every: int = 0                 # > 0: write PNGs of the current images every N steps
-  max_to_keep: int = 2
+  log_every: int = field(20, "steps between log lines")
+  checkpoint_every: int = field(100, "steps between checkpoints (>= 1; the last step is always saved)")
+  snapshot_every: int = field(0, "> 0: write PNGs of the current images every N steps")
+  max_to_keep: int = field(2, "checkpoints kept")
 
   def __post_init__(self):
     v = self.steps
@@ -118,13 +126,13 @@ class NSTConfig(JsonConfig):
 
   # ------------------------------------------------------------------ checks
 
-  def validate(self) -> "NSTConfig":
+  def validate(self) -> NSTConfig:
     """Raises ValueError naming the first bad setting (images are checked by ``run``)."""
     from jaxface.models import vgg19  # imports JAX: after the flags are parsed
     def bad(name, why):
       v = getattr(self, name)
       shown = ",".join(map(str, v)) if isinstance(v, tuple) else repr(v)
-      raise ValueError(f"--{name}={shown}: {why}")
+      raise ValueError(f"{name}={shown}: {why}")
     if not self.content_list():
       bad("content", "needs at least one content image")
     if not self.style_list():

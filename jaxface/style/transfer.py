@@ -1,25 +1,9 @@
 """Gatys neural style transfer: pure optimisation step, coarse-to-fine driver, ``run``.
 
-The optimised variable is the generated image itself, ``[B, H, W, 3] float32``
-RGB in [0, 1] (one per content image; all share the style). The cost of each
-image is ``J = alpha J_content + beta J_style + gamma TV`` (jaxface.losses.style)
-on VGG19 activations. One jitted ``step(state, consts)`` updates every image
-of the batch with ``jax.vmap`` over (image, optimizer state, content target):
-each image keeps its own Adam or L-BFGS state, exactly as separate runs would,
-while the convolutions run batched. Constants (VGG weights, content
-activations, style Grams) are arguments, computed once per scale.
-
-Run state (checkpointed with ``jaxface.checkpointing``): ``image``,
-``opt_state``, ``step`` (global, across scales), ``scale_index``, ``seed`` and
-``bad_step``. Everything else is a deterministic function of the config, so a
-run killed at any point resumes to bitwise the same images as an uninterrupted
-one (same machine and XLA build).
-
-Several processes (``jax.distributed``): every process runs ``run`` with the
-same config; the batch is split over the devices of all processes
-(jaxface.style.sharding), every process takes part in checkpointing (orbax
-coordinates them), and process 0 alone prints and writes ``config.json``,
-``train_log.jsonl``, snapshots, the stylised PNGs and ``result.json``.
+The optimised variable is the generated image itself (one per content image,
+all sharing the style), costed on VGG19 activations (:mod:`jaxface.losses.style`).
+A run is checkpointed and resumes bitwise (:func:`new_state`); its batch may be
+split over devices and processes (:mod:`jaxface.style.sharding`).
 """
 
 from __future__ import annotations
@@ -29,9 +13,8 @@ import functools
 import json
 import logging
 import os
-import sys
-import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +22,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxface import checkpointing
+from jaxface import checkpointing, runloop
 from jaxface.losses import style as costs
 from jaxface.models import vgg19
-from jaxface.style import images as images_lib
-from jaxface.style import sharding as sharding_lib
+from jaxface.parallel import mesh as mesh_lib
+from jaxface.style import images as images_lib, sharding as sharding_lib
 from jaxface.style.config import RESUMABLE_CHANGES, NSTConfig
 
 log = logging.getLogger(__name__)
@@ -53,8 +36,8 @@ State = dict[str, Any]
 RANDOM_WEIGHTS_WARNING = (
     "warning: no VGG19 weights found; using randomly initialised features. The result is NOT "
     "pretrained style transfer (it matches texture statistics of a random network only). Get the "
-    "weights with `python -m jaxface.weights fetch vgg19`, or pass --weights=PATH to a VGG19 file "
-    "(.h5, .pth or .mat).")
+    "weights with `python -m jaxface.weights fetch vgg19`, or set `weights` to the path of a VGG19 "
+    "file (.h5, .pth or .mat).")
 
 
 class TransferError(RuntimeError):
@@ -103,15 +86,15 @@ def prepare(cfg: NSTConfig) -> Problem:
     if min(h, w) < need:
       raise ValueError(
           f"image too small for the chosen layers: at scale {k + 1}/{len(shapes)} the output is "
-          f"{h}x{w} px, but layer {deepest} needs at least {need} px on each side; raise --size, "
-          f"lower --num_scales or choose shallower layers")
+          f"{h}x{w} px, but layer {deepest} needs at least {need} px on each side; raise `size`, "
+          "lower `num_scales` or choose shallower layers")
     for spec, st in zip(cfg.style_list(), styles):
       sh, sw = _style_shape(cfg, st, (h, w))
       if min(sh, sw) < need:
         raise ValueError(
             f"style image {spec!r} too small for the chosen layers: at scale {k + 1} it is resized "
             f"to {sh}x{sw} px, but layer {deepest} needs at least {need} px on each side; raise "
-            f"--style_scale or --size")
+            "`style_scale` or `size`")
   return Problem(contents, names, styles, cfg.blend_weights(), shapes)
 
 
@@ -137,23 +120,21 @@ def scale_images(cfg: NSTConfig, problem: Problem, k: int) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- network
 
 
-def _stderr(line: str) -> None:
-  """The default printer: progress and warnings go to stderr (results are files)."""
-  print(line, file=sys.stderr, flush=True)
+_stderr = runloop.stderr_printer  # the default printer: progress and warnings on stderr
 
 
 def load_weights(cfg: NSTConfig, printer: Callable[[str], None] = _stderr):
   """The VGGWeights to use, or None (random features, with a printed warning).
 
-  ``--weights=PATH`` reads and caches that file (errors propagate); otherwise
-  the cached converted weights are used when present.
+  ``cfg.weights`` (a path) reads and caches that file (errors propagate);
+  otherwise the cached converted weights are used when present.
   """
-  from jaxface import paths
-  from jaxface import weights as weights_lib  # h5py/scipy readers: only when a run starts
+  # h5py/scipy readers: imported only when a run starts.
+  from jaxface import paths, weights as weights_lib
   if cfg.weights:
     path = paths.expand(cfg.weights)
     if not os.path.isfile(path):
-      raise ValueError(f"--weights={cfg.weights!r}: no such file ({path})")
+      raise ValueError(f"weights={cfg.weights!r}: no such file ({path})")
     return weights_lib.load_vgg19(path)
   w = weights_lib.load_vgg19()
   if w is None:
@@ -181,7 +162,7 @@ def make_optimizer(cfg: NSTConfig) -> optax.GradientTransformation:
 
 def make_batch_cost(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
   """``cost(images [B, H, W, 3], vgg, content_acts [B, h, w, c], grams {layer: [c, c]})
-  -> (J [B], terms)``.
+  -> (J [B], terms)``: ``J = alpha J_content + beta J_style + gamma TV`` per image.
 
   Each image's cost depends on that image only (VGG19 has no batch
   statistics), so the gradient of ``sum(J)`` is every image's own gradient:
@@ -234,7 +215,8 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: NST
   optionally with ``"grad_kernels": vgg19.input_grad_kernels(params)`` (as
   ``scale_consts`` makes it: the same step, a faster backward pass).
   Every image of ``state["image"] [B, H, W, 3]`` takes one optimizer step
-  with its own optimizer state (shared style Grams and weights): Adam runs
+  with its own optimizer state (shared style Grams and weights), exactly as
+  separate runs would, while the convolutions run batched: Adam runs
   the whole batch through VGG19 at once (``make_batch_cost``), L-BFGS one
   image at a time (vmapped; its line search needs each image's own cost). A step
   whose cost is not finite leaves the state as it was and records its number
@@ -319,7 +301,7 @@ def make_targets(graphdef: nnx.GraphDef, cfg: NSTConfig, prep):
 def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targets,
                  mesh=None, grad_kernels=None) -> dict:
   """Constants of scale ``k``: weights (and their input-gradient kernels), content activations,
-  blended style Grams.
+  blended style Grams; computed once per scale and passed to the step as arguments.
 
   With a ``mesh`` the content activations are computed where they are used:
   the content batch and a replicated copy of ``vgg`` are placed on the mesh
@@ -351,9 +333,9 @@ def scale_consts(cfg: NSTConfig, problem: Problem, k: int, vgg: nnx.State, targe
   if mesh is None:
     content = content_fn(vgg, jnp.asarray(contents))
   else:
-    rep = sharding_lib.replicated(mesh)
-    vgg = jax.tree.map(lambda x: sharding_lib.place(x, rep), vgg)
-    content = content_fn(vgg, sharding_lib.place(contents, sharding_lib.batch_sharding(mesh)))
+    rep = mesh_lib.replicated(mesh)
+    vgg = jax.tree.map(lambda x: mesh_lib.place(x, rep), vgg)
+    content = content_fn(vgg, mesh_lib.place(contents, mesh_lib.batch_sharding(mesh)))
   return {"vgg": vgg, "content": content, "grams": blended, "grad_kernels": grad_kernels}
 
 
@@ -380,6 +362,11 @@ def _initial_image(contents, seed, init, noise_ratio):
 
 def new_state(tx: optax.GradientTransformation, image: jax.Array, *, step: int, scale_index: int,
               seed: int) -> State:
+  """The run state (what is checkpointed) for generated images ``[B, H, W, 3] float32``, RGB
+  in [0, 1]: ``image``, ``opt_state`` (per image), ``step`` (global, across scales),
+  ``scale_index``, ``seed`` and ``bad_step``. Everything else is a deterministic function
+  of the config, so a run killed at any point resumes to bitwise the same images as an
+  uninterrupted one (same machine and XLA build)."""
   # Strong dtypes: L-BFGS's initial state holds weak-typed scalars that its
   # update returns strongly typed, which would compile the step twice.
   opt_state = jax.tree.map(lambda x: jnp.asarray(x, x.dtype), jax.vmap(tx.init)(image))
@@ -428,16 +415,6 @@ def output_image(cfg: NSTConfig, problem: Problem, image: np.ndarray, k: int) ->
 # --------------------------------------------------------------------------- loop
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _bar(done: int, total: int, width: int = 20) -> str:
-  n = int(width * done / max(total, 1))
-  return "[" + "#" * n + "." * (width - n) + "]"
-
-
 def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
         printer: Callable[[str], None] = _stderr) -> dict:
   """Style transfer (resuming from ``workdir``); writes the stylised PNGs there.
@@ -452,6 +429,12 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
     printer: where progress lines and warnings go (default: stderr; process
       0's; the other processes of a multi-process run are silent).
 
+  With several processes (``jax.distributed``) every process calls ``run``
+  with the same config; the batch is split over the devices of all of them,
+  every process takes part in checkpointing (orbax coordinates them), and
+  process 0 alone prints and writes ``config.json``, ``train_log.jsonl``,
+  snapshots, the stylised PNGs and ``result.json`` (:mod:`jaxface.runloop`).
+
   Returns:
     ``{"outputs": [paths], "final": {metric: value}, "steps": n, "images":
     [B, H, W, 3] float32}`` (the optimised images before colour restoration;
@@ -460,8 +443,7 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
   problem = prepare(cfg)
   # Checked before any compute: enough devices, batch a multiple of them.
   mesh = sharding_lib.make_mesh(cfg.num_devices, len(problem.contents))
-  if jax.process_index() != 0:
-    printer = lambda s: None  # one process speaks for all
+  printer = runloop.primary_printer(printer)  # one process speaks for all
   weights = load_weights(cfg, printer)
   graphdef, vgg, prep, source = build_network(cfg, weights)
   os.makedirs(workdir, exist_ok=True)
@@ -473,7 +455,7 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
   bounds = scale_bounds(cfg)
   printer(f"style transfer: {len(problem.contents)} content image(s), {len(problem.styles)} style "
           f"image(s), scales {' -> '.join(f'{h}x{w}' for h, w in problem.shapes)}, "
-          f"{bounds[-1]} steps, {cfg.optimizer}, weights {source}, {sharding_lib.describe(mesh)}")
+          f"{bounds[-1]} steps, {cfg.optimizer}, weights {source}, {mesh_lib.describe(mesh)}")
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=cfg.max_to_keep)
   try:
@@ -493,7 +475,7 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
             f"checkpoint {ckpt.directory}/{last} holds scale {int(state['scale_index'])}, seed "
             f"{int(state['seed'])}; expected scale {k}, seed {cfg.seed}")
       printer(f"resumed from {ckpt.directory}/{last} (scale {k + 1}/{len(problem.shapes)})")
-    if jax.process_index() == 0:
+    if runloop.is_primary():
       with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(saved_dict, f, indent=2)
     return _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_dict,
@@ -503,11 +485,9 @@ def run(cfg: NSTConfig, workdir: str, *, stop_after: int | None = None,
 
 
 def _check_health(state: State) -> None:
-  bad = int(state["bad_step"])
-  if bad >= 0:
-    raise TransferError(
-        f"non-finite cost at step {bad}; the images are kept from before that step and nothing "
-        f"after it was saved. Lower --learning_rate, --beta or --alpha, or use --optimizer=adam")
+  runloop.check_bad_step(
+      state["bad_step"], what="cost", kept="the images are kept from before that step",
+      hint="Lower `learning_rate`, `beta` or `alpha`, or use optimizer='adam'", error=TransferError)
 
 
 def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_dict, stop_after,
@@ -515,12 +495,11 @@ def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_d
   bounds = scale_bounds(cfg)
   total = bounds[-1]
   n_scales = len(problem.shapes)
-  log_path = os.path.join(workdir, "train_log.jsonl")
-  primary = jax.process_index() == 0
+  metrics_log = runloop.MetricsLog(workdir)  # process 0 writes
   k = 0 if state is None else int(state["scale_index"])
   host: dict = {}
   grad_kernels = None
-  t_start = time.perf_counter()
+  run_time = runloop.Meter()
   while k < n_scales:
     consts = sharding_lib.place_consts(
         scale_consts(cfg, problem, k, vgg, targets, mesh, grad_kernels), mesh)
@@ -531,39 +510,32 @@ def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_d
     state = sharding_lib.place_state(state, mesh)  # unchanged without a mesh
     step = int(state["step"])
     h, w = problem.shapes[k]
-    t_last, step_last = time.perf_counter(), step
+    meter = runloop.Meter(step)  # the rate of this scale's steps
     while step < bounds[k + 1]:
       state, metrics = step_fn(state, consts)
       step += 1
       is_end = step == bounds[k + 1] or step == stop_after
-      if step % cfg.log_every == 0 or is_end:
-        host = {key: float(v) for key, v in jax.device_get(metrics).items()}
+      if runloop.every(step, cfg.log_every, last=is_end):
+        host = runloop.host_metrics(metrics)
         _check_health(state)
-        now = time.perf_counter()
-        rate = (step - step_last) / max(now - t_last, 1e-9)
+        rate = meter.tick(step)
         # Later scales cost about (area ratio) times more per step.
-        left = (bounds[k + 1] - step) / rate + sum(
-            (bounds[j + 1] - bounds[j]) / rate * (np.prod(problem.shapes[j]) / (h * w))
-            for j in range(k + 1, n_scales))
-        t_last, step_last = now, step
-        printer(f"scale {k + 1}/{n_scales} {h}x{w} step {step:5d}/{total} {_bar(step, total)} "
-                f"loss {host['train/loss']:.4g} content {host['train/content']:.4g} "
-                f"style {host['train/style']:.4g} tv {host['train/tv']:.4g}  {rate:.2f} step/s  "
-                f"ETA {_fmt_time(left)}")
-        if primary:
-          with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, "scale": k, **host, "train/steps_per_s": rate}) + "\n")
-      if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+        left = meter.eta((bounds[k + 1] - step) + sum(
+            (bounds[j + 1] - bounds[j]) * (np.prod(problem.shapes[j]) / (h * w))
+            for j in range(k + 1, n_scales)))
+        printer(f"scale {k + 1}/{n_scales} {h}x{w} step {step:5d}/{total} "
+                f"{runloop.bar(step, total)} loss {host['train/loss']:.4g} "
+                f"content {host['train/content']:.4g} style {host['train/style']:.4g} "
+                f"tv {host['train/tv']:.4g}  {rate:.2f} step/s  ETA {runloop.format_eta(left)}")
+        metrics_log.write({"step": step, "scale": k, **host, "train/steps_per_s": rate})
+      if runloop.every(step, cfg.snapshot_every):
         _write_images(cfg, problem, state, k, os.path.join(workdir, "snapshots"), f"step{step:06d}_")
-      if step % cfg.checkpoint_every == 0 or is_end:
+      if runloop.every(step, cfg.checkpoint_every, last=is_end):
         _check_health(state)
-        # Save a copy: the next step donates the state's buffers while orbax
-        # may still be writing them in the background. Every process saves
-        # (orbax coordinates them; each writes the shards it holds).
-        ckpt.save(step, jax.tree.map(jnp.copy, state), saved_dict, force=True)
+        runloop.save_copy(ckpt, step, state, saved_dict)  # every process saves its shards
       if stop_after is not None and step >= stop_after:
         ckpt.wait()
-        printer(f"stopped at step {step} (stop_after); resume with the same --workdir")
+        printer(f"stopped at step {step} (stop_after); resume with the same workdir")
         return {}
     if k + 1 < n_scales:
       state = next_scale(tx, state, problem.shapes[k + 1])
@@ -573,11 +545,11 @@ def _loop(cfg, workdir, problem, state, step_fn, tx, vgg, targets, ckpt, saved_d
   outputs, images = _write_images(cfg, problem, state, n_scales - 1, workdir, "",
                                   suffix="_stylized")
   result = {"outputs": outputs, "final": host, "steps": total}
-  if primary:
+  if runloop.is_primary():
     with open(os.path.join(workdir, "result.json"), "w") as f:
       json.dump(result, f, indent=2)
   result["images"] = images
-  printer(f"done in {time.perf_counter() - t_start:.1f}s: wrote {', '.join(outputs)}")
+  printer(f"done in {run_time.elapsed():.1f}s: wrote {', '.join(outputs)}")
   return result
 
 
@@ -590,12 +562,12 @@ def _write_images(cfg, problem, state, k, folder, prefix, suffix="") -> tuple[li
   Returns:
     The PNG paths, and the images ``[B, H, W, 3] float32`` as optimised.
   """
-  images = sharding_lib.to_host(state["image"])
+  images = mesh_lib.to_host(state["image"])
   out = output_image(cfg, problem, images, k)
   written = []
   for img, name in zip(out, problem.content_names):
     path = os.path.join(folder, f"{prefix}{name}{suffix}.png")
-    if jax.process_index() == 0:
+    if runloop.is_primary():
       images_lib.save_png(path, img)
     written.append(path)
   return written, images

@@ -3,16 +3,8 @@
 With few training identities (30 on AT&T/ORL) a network from scratch and a
 linear discriminant on pixels make different mistakes: the network tolerates
 shifts and zoom, the linear projection keeps the global face layout it would
-otherwise memorise away. Concatenating the two (``emb`` and ``weight`` times
-the unit-norm Fisherfaces projection) makes the squared distance the sum
-``||e_i - e_j||^2 + weight^2 ||f_i - f_j||^2``. Both parts are fitted on the
-training identities only; held-out images are only projected.
-
-Fisherfaces (Belhumeur et al. 1997): images are standardised per image (zero
-mean, unit std over all pixels), projected onto the top ``num_pca`` principal
-components of the training images (so the within-class scatter is
-invertible), then onto the ``C - 1`` generalised eigenvectors of (between-class
-scatter, within-class scatter) with the largest eigenvalues.
+otherwise memorise away. :func:`fit` and :func:`project` are the Fisherfaces;
+:func:`fuse` concatenates them with the embedding.
 """
 
 from __future__ import annotations
@@ -43,7 +35,13 @@ def _standardized(images, name: str) -> np.ndarray:
 
 
 def fit(images, labels, num_pca: int = 80) -> Fisherfaces:
-  """Fits Fisherfaces on training images.
+  """Fits Fisherfaces on training images (Belhumeur et al. 1997).
+
+  Images are standardised per image (zero mean, unit std over all pixels),
+  projected onto the top ``num_pca`` principal components of the training images
+  (so the within-class scatter is invertible), then onto the ``C - 1``
+  generalised eigenvectors of (between-class scatter, within-class scatter) with
+  the largest eigenvalues.
 
   Args:
     images: ``[N, H, W, C]`` (any spatial rank) uint8 or float training images.
@@ -97,6 +95,10 @@ def project(model: Fisherfaces, images) -> np.ndarray:
 def fuse(emb, train_images, train_labels, holdout_images, *, weight: float,
          num_pca: int = 80) -> np.ndarray:
   """Appends ``weight`` times the Fisherfaces projection of the held-out images to their embeddings.
+
+  The squared distance becomes ``||e_i - e_j||^2 + weight^2 ||f_i - f_j||^2`` (the
+  projection is unit-norm). Both parts are fitted on the training identities
+  only; held-out images are only projected.
 
   Args:
     emb: ``[N, D] float32`` held-out embeddings (one row per ``holdout_images`` row).

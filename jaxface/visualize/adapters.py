@@ -1,24 +1,15 @@
 """Per-network adapters: intermediate activations and the geometry behind them.
 
-An ``Adapter`` gives the visualizer, for one network:
-
-* ``features(params, x, layers)``: pure function, ``x`` ``[B, H, W, C]``
-  float32 (already preprocessed) -> ``{layer: [B, h, w, U] float32}`` for the
-  requested tap names; jittable (``layers`` static);
-* ``preprocess(images)``: ``[B, H, W, C] uint8`` -> the network's input;
-* ``geometry``: ``receptive.Window`` / ``Parallel`` entries read off the
-  module's own layers (kernel sizes, strides, paddings), with the tap names.
-
-The modules are not edited and expose no hooks, so each adapter walks the
-module's layers itself, calling the module's own sub-layers; the tests check
-that each walk reproduces the module's own output, so a change in a model
-that the walk does not follow fails loudly.
+An :class:`Adapter` gives the visualizer, for one network (the face encoder,
+VGG19, dlib's ResNet), its tap points' activations, its preprocessing and the
+receptive-field geometry of its layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +22,19 @@ from jaxface.visualize import receptive as rf
 class Adapter:
   """One network, as the visualizer sees it.
 
+  The modules are not edited and expose no hooks, so each adapter walks the
+  module's layers itself, calling the module's own sub-layers; the tests check
+  that each walk reproduces the module's own output, so a change in a model
+  that the walk does not follow fails loudly.
+
   Attributes:
     name: short description for file headers and logs.
     params: pytree passed to ``features`` (device arrays).
-    features: ``(params, x [B, H, W, C] float32, layers tuple) -> {name: [B, h, w, U] float32}``.
+    features: ``(params, x [B, H, W, C] float32, layers tuple) -> {name: [B, h, w, U] float32}``:
+      a pure function of already preprocessed input, jittable (``layers`` static).
     preprocess: ``[B, H, W, C] uint8 -> [B, H, W, C] float32`` network input (jnp).
-    geometry: forward-order Window / Parallel list whose names are the tap points.
+    geometry: forward-order Window / Parallel list whose names are the tap points, read
+      off the module's own layers (kernel sizes, strides, paddings).
     layers: every tap name, in forward order.
     default_layers: the "layer 1 .. layer 5" a figure shows by default.
     input_size: (H, W) images are resized to, or None for any size.

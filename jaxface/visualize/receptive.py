@@ -1,37 +1,16 @@
-"""Receptive fields of ConvNet layers, computed from the architecture.
+"""Receptive fields of ConvNet layers, computed from the architecture (plain Python / NumPy; no JAX).
 
-A network's geometry is a list of sliding-window layers (convolutions and
-poolings alike) in forward order; element-wise layers (ReLU, BatchNorm,
-affine) do not change geometry and are left out. A residual block is a
-``Parallel`` of branches whose outputs are summed index by index.
-
-For every layer, along each spatial axis, three numbers locate the input
-pixels that can influence output unit ``i`` (Araujo et al., "Computing
-receptive fields of convolutional neural networks", Distill 2019):
-
-* ``jump``: input pixels between neighbouring output units (product of strides);
-* ``size``: extent of one unit's receptive field, in input pixels;
-* ``start``: input coordinate of the first pixel of unit 0's field (negative
-  when padding reaches outside the image).
-
-Unit ``i``'s field is ``[start + i * jump, start + i * jump + size - 1]``
-(inclusive). Through a layer with kernel k, stride s, dilation d and low-side
-padding p (effective kernel ``d * (k - 1) + 1``)::
-
-    jump' = jump * s;  size' = size + d * (k - 1) * jump;  start' = start - p * jump
-
-For a ``Parallel`` the field is the hull of the branches' fields (all branches
-must downsample alike). Padding "same" depends on the input size, so fields
-are computed for a given input size; the output sizes come along.
-
-Plain Python / NumPy; no JAX.
+A network's geometry is a list of sliding-window layers (:class:`Window`:
+convolutions and poolings alike) in forward order; element-wise layers (ReLU,
+BatchNorm, affine) do not change geometry and are left out. A residual block is
+a :class:`Parallel` of branches whose outputs are summed index by index.
+:func:`receptive_fields` gives each named layer's :class:`Field`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Union
 
 from jaxface import conv as conv_lib
 
@@ -64,11 +43,11 @@ class Parallel:
   branch's unit ``i`` (a zero-filled sum of unequal shapes, as in dlib's
   down-sampling blocks, aligns at index 0), so its field is the hull.
   """
-  branches: tuple[tuple["Layer", ...], ...]
+  branches: tuple[tuple[Layer, ...], ...]
   name: str | None = None
 
 
-Layer = Union[Window, Parallel]
+Layer = Window | Parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +115,22 @@ def _walk(layers: Sequence[Layer], size, jump, start, spatial, out: dict):
 
 def receptive_fields(geometry: Sequence[Layer], input_size: Sequence[int]) -> dict[str, Field]:
   """Receptive field of every named layer of ``geometry`` for an input of ``input_size``.
+
+  For every layer, along each spatial axis, three numbers locate the input
+  pixels that can influence output unit ``i`` (Araujo et al., "Computing
+  receptive fields of convolutional neural networks", Distill 2019): ``jump``
+  (input pixels between neighbouring output units, the product of strides),
+  ``size`` (extent of one unit's field) and ``start`` (input coordinate of the
+  first pixel of unit 0's field, negative when padding reaches outside the
+  image); unit ``i``'s field is ``[start + i * jump, start + i * jump + size - 1]``
+  (inclusive). Through a layer with kernel k, stride s, dilation d and low-side
+  padding p (effective kernel ``d * (k - 1) + 1``)::
+
+    jump' = jump * s;  size' = size + d * (k - 1) * jump;  start' = start - p * jump
+
+  For a ``Parallel`` the field is the hull of the branches' fields (all branches
+  must downsample alike). Padding "same" depends on the input size, hence the
+  ``input_size`` argument; the output sizes come along.
 
   Args:
     geometry: Window / Parallel entries in forward order.

@@ -1,16 +1,9 @@
 """What do ConvNet units respond to? Top-9 receptive-field patches per unit.
 
-``run(config, workdir)`` streams an image set through a network in jitted
-batches, keeps for every unit of every chosen layer the k images whose
-strongest response is largest (``topk``: O(units x k) memory; one batch of
-activations alive at a time, never the whole set's), then re-reads just
-those images and writes one grid PNG per layer, ``units x k`` receptive-field
-crops (``render``), in the manner of Zeiler & Fergus' layer 1 to layer 5
-figures. Receptive fields come from the network's own layer geometry
-(``receptive``, ``adapters``).
-
-Outputs in ``workdir``: ``layer{i}_{name}.png`` (i = 1.. in forward order)
-and ``summary.json`` (fields, units, top values, image paths, boxes).
+``run(config, workdir)`` writes one grid PNG per chosen layer of the k image
+patches that excite each unit most, in the manner of Zeiler & Fergus' layer 1
+to layer 5 figures. Receptive fields come from the network's own layer
+geometry (``receptive``, ``adapters``).
 """
 
 from __future__ import annotations
@@ -19,23 +12,18 @@ import concurrent.futures
 import json
 import logging
 import os
-import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxface import paths
-from jaxface.visualize import adapters as adapters_lib
-from jaxface.visualize import render
-from jaxface.visualize import topk
-
-log = logging.getLogger(__name__)
-
+from jaxface import paths, runloop
+from jaxface.visualize import adapters as adapters_lib, render, topk
 from jaxface.visualize.config import DLIB_CENTER_CROP, NETWORKS, VisualizeConfig, parse_units  # noqa: F401
 
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- images
 
@@ -45,14 +33,14 @@ def list_images(root: str) -> list[str]:
   from jaxface.data.folder import IMAGE_EXTENSIONS
   from jaxface.data.source import natural_key
   if not os.path.isdir(root):
-    raise ValueError(f"--images={root!r} is not a folder (or tfds:NAME)")
+    raise ValueError(f"images={root!r} is not a folder (or tfds:NAME)")
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     found += [os.path.join(dirpath, f) for f in filenames
               if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
   if not found:
-    raise ValueError(f"--images={root!r} holds no image files")
+    raise ValueError(f"images={root!r} holds no image files")
   return sorted(found, key=lambda p: natural_key(os.path.relpath(p, root)))
 
 
@@ -195,7 +183,7 @@ def build_adapter(cfg: VisualizeConfig) -> tuple[adapters_lib.Adapter, list[str]
     return adapters_lib.vgg19_adapter(model, prep, size or (224, 224)), warnings
   from jaxface.models import encoder as encoder_lib
   if cfg.network == "random":
-    warnings.append("--network=random: an untrained encoder (random filters)")
+    warnings.append("network=random: an untrained encoder (random filters)")
     model = encoder_lib.build_encoder(encoder_lib.EncoderSpec(), seed=cfg.seed)
     return adapters_lib.encoder_adapter(model, size or (64, 64), "random encoder"), warnings
   from jaxface.train import triplet
@@ -237,14 +225,14 @@ def collect(adapter: adapters_lib.Adapter, images: ImageSet, layers: tuple[str, 
                        f"the network gives {tuple(shapes[l].shape[1:3])}; the adapter is out of date")
   states = {l: topk.init(int(shapes[l].shape[-1]), k) for l in layers}
   step = make_step(adapter, layers)
-  n, t0, done = len(images), time.time(), 0
+  n, meter, done = len(images), runloop.Meter(), 0
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
     for b, (batch, ids) in enumerate(_batches(images, batch_size, pool), start=1):
       states = step(adapter.params, states, jnp.asarray(batch), jnp.asarray(ids))
       done += batch_size
-      if done >= n or b % 10 == 0:
+      if runloop.every(b, 10, last=done >= n):
         jax.block_until_ready(states)
-        printer(f"{min(done, n)}/{n} images, {time.time() - t0:.1f}s")
+        printer(f"{min(done, n)}/{n} images, {meter.elapsed():.1f}s")
   return {l: jax.tree.map(np.asarray, s) for l, s in states.items()}
 
 
@@ -259,12 +247,21 @@ def choose_units(state: dict, units: str, num_images: int) -> np.ndarray:
     return np.argsort(-mean, kind="stable")[:arg]
   bad = [v for v in arg if v >= u]
   if bad:
-    raise ValueError(f"--units: {bad} out of range for a layer with {u} units")
+    raise ValueError(f"units: {bad} out of range for a layer with {u} units")
   return np.array(arg)
 
 
 def run(cfg: VisualizeConfig, workdir: str, printer: Callable[[str], None] = lambda s: None) -> dict:
-  """Computes the grids; returns the summary that is also written to ``summary.json``."""
+  """Computes the grids; returns the summary that is also written to ``summary.json``.
+
+  Streams the image set through the network in jitted batches, keeps for every
+  unit of every chosen layer the k images whose strongest response is largest
+  (``topk``: O(units x k) memory; one batch of activations alive at a time,
+  never the whole set's), then re-reads just those images and writes one grid
+  PNG per layer, ``units x k`` receptive-field crops (``render``). Outputs in
+  ``workdir``: ``layer{i}_{name}.png`` (i = 1.. in forward order) and
+  ``summary.json`` (fields, units, top values, image paths, boxes).
+  """
   cfg.validate()
   adapter, warnings = build_adapter(cfg)
   for w in warnings:
@@ -273,9 +270,9 @@ def run(cfg: VisualizeConfig, workdir: str, printer: Callable[[str], None] = lam
                                 or adapter.default_layers)
   size = tuple(cfg.image_size) or adapter.input_size
   if size is None:
-    raise ValueError(f"--image_size is required for {adapter.name}")
+    raise ValueError(f"image_size is required for {adapter.name}")
   if adapter.input_size is not None and cfg.image_size and size != adapter.input_size:
-    raise ValueError(f"--image_size={size}: {adapter.name} takes {adapter.input_size} inputs")
+    raise ValueError(f"image_size={size}: {adapter.name} takes {adapter.input_size} inputs")
   chips = cfg.align == "chips" or (cfg.align == "auto" and cfg.network == "dlib")
   crop = cfg.center_crop if cfg.center_crop > 0 else (DLIB_CENTER_CROP if cfg.network == "dlib" else 1.0)
   images = ImageSet(cfg.images, size, crop, adapter.channels, cfg.max_images, cfg.tfds_split,
@@ -283,9 +280,9 @@ def run(cfg: VisualizeConfig, workdir: str, printer: Callable[[str], None] = lam
   view = "aligned face chips" if chips else f"central crop {crop:g}"
   printer(f"{adapter.name}: layers {', '.join(layers)}; {len(images)} images of {size[0]}x{size[1]} "
           f"({view})")
-  t0 = time.time()
+  meter = runloop.Meter()
   states = collect(adapter, images, layers, cfg.top_k, cfg.batch_size, printer)
-  seconds = time.time() - t0
+  seconds = meter.elapsed()
   if images.no_face:
     printer(f"{len(images.no_face)} images without a detected face were skipped")
   return write_outputs(cfg, workdir, adapter, images, layers, states, warnings, seconds,

@@ -1,17 +1,9 @@
 """Running top-k per unit over a stream of activation maps (pure jnp).
 
 For each unit (channel) the visualizer keeps the k images whose strongest
-response is largest, with the position of that response. Each image
-contributes at most once per unit (its spatial maximum), so the k patches of
-a unit come from k different images, as in Zeiler & Fergus' figures.
-
-State (a dict pytree): ``value`` ``[U, k]`` float32 (``-inf`` where empty),
-``image`` ``[U, k]`` int32 (global image index, -1 where empty), ``y`` / ``x``
-``[U, k]`` int32 (position in the activation map), and ``total`` ``[U]``
-float32, the sum over images of each unit's spatial maximum (to rank units
-by how active they are).
-
-Only one batch of activations is alive at a time; the state is O(U * k).
+response is largest, with the position of that response (state: :func:`init`).
+Each image contributes at most once per unit (its spatial maximum), so the k
+patches of a unit come from k different images, as in Zeiler & Fergus' figures.
 """
 
 from __future__ import annotations
@@ -23,7 +15,15 @@ TopK = dict[str, jax.Array]
 
 
 def init(num_units: int, k: int) -> TopK:
-  """Empty running top-k for ``num_units`` units (see the module docstring)."""
+  """Empty running top-k for ``num_units`` units.
+
+  State (a dict pytree): ``value`` ``[U, k]`` float32 (``-inf`` where empty),
+  ``image`` ``[U, k]`` int32 (global image index, -1 where empty), ``y`` / ``x``
+  ``[U, k]`` int32 (position in the activation map), and ``total`` ``[U]``
+  float32, the sum over images of each unit's spatial maximum (to rank units
+  by how active they are). O(U * k): only one batch of activations is alive at
+  a time.
+  """
   if not isinstance(num_units, int) or num_units < 1:
     raise ValueError(f"num_units must be a positive int, got {num_units!r}")
   if not isinstance(k, int) or k < 1:

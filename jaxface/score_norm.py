@@ -1,22 +1,11 @@
 """Cohort score normalisation (symmetric S-norm) of squared-distance scores.
 
-A raw distance d(x1, x2) means different things for different images: a
-blurred, tilted or glare-covered photo sits far from *everyone*, so its genuine
-pairs look like impostor pairs at a global threshold. S-norm measures how far
-each image usually is from a *cohort* of faces of people known to be
-different (for a trained encoder: the training identities, never the people
-being verified) and rescales the score from both sides:
-
     s(i, j) = 0.5 * ((d_ij - mu_i) / sd_i + (d_ij - mu_j) / sd_j)
 
 where mu_i, sd_i are the mean and standard deviation of image i's squared
-distances to the cohort (adaptive S-norm: only to its ``top_k`` nearest cohort
-rows). Lower is still "more alike", so thresholds, ROC and k-fold accuracy
-apply unchanged. Scores of different distance functions (an encoder's, a
-Fisherfaces projection's) become comparable after S-norm and can be added
-(score-level fusion).
-
-Plain ``jnp``: jitted, chunked over probes so memory stays bounded for large cohorts.
+distances to a cohort of faces of other people (adaptive S-norm: only to its
+``top_k`` nearest cohort rows); see :func:`snorm` for why. Plain ``jnp``: jitted,
+chunked over probes so memory stays bounded for large cohorts.
 """
 
 from __future__ import annotations
@@ -98,6 +87,16 @@ def cohort_stats(probes, cohort, *, top_k: int = 0) -> tuple[jax.Array, jax.Arra
 @jax.jit
 def snorm(distances, mean_i, std_i, mean_j, std_j) -> jax.Array:
   """Symmetric S-norm of pair scores.
+
+  A raw distance d(x1, x2) means different things for different images: a
+  blurred, tilted or glare-covered photo sits far from *everyone*, so its genuine
+  pairs look like impostor pairs at a global threshold. S-norm measures how far
+  each image usually is from a *cohort* of faces of people known to be different
+  (for a trained encoder: the training identities, never the people being
+  verified; :func:`cohort_stats`) and rescales the score from both sides. Lower
+  is still "more alike", so thresholds, ROC and k-fold accuracy apply unchanged;
+  scores of different distance functions (an encoder's, a Fisherfaces
+  projection's) become comparable and can be added (score-level fusion).
 
   Args:
     distances: ``[M]`` float squared distances d(i, j) of M pairs.

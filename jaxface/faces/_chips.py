@@ -1,35 +1,16 @@
 """Aligned face chips from 5-point landmarks: dlib's ``get_face_chip`` (size 150, padding 0.25), in NumPy.
 
-Per face (each face is extracted as by its own ``get_face_chip`` call):
-
-1. Fit a least-squares similarity from the padded 5-point template (in chip
-   pixels) to the landmarks: scale ``s`` and angle ``theta``.
-2. The chip is the square of side ``size * s`` centred at the image of the chip
-   centre, rotated by ``theta`` (dlib's ``chip_details``: a rectangle with
-   half-width ``(size * s - 1) / 2`` and an angle).
-3. Large faces (the square, halved once, still covers more than size**2
-   pixels) are sampled from a half-size pyramid level instead of the image:
-   dlib crops the rotated square's bounding box grown by 6 pixels per level
-   step (clipped to the image, rounded), then filters it with dlib's
-   ``pyramid_down<2>`` (5x5 binomial [1 4 6 4 1]^2 kernel, integer floor of
-   /256, no border padding, output (n - 3) // 2) and maps coordinates by
-   ``p / 2 - (1.25, 0.75)`` per level.
-4. Bilinear sampling in float64 from the floor neighbours, with the value
-   truncated to uint8; an output pixel with any neighbour outside the
-   (cropped) source is 0.
-
-Sampling is vectorized over faces sampled straight from the image (in chunks
-of two faces, which keeps the float64 intermediates near cache size); a large
-face is sampled from its own pyramid crop. The float64 steps
-follow dlib's order of operations, since truncation to uint8 turns 1-ulp
-differences on flat regions into 1-level differences.
+:func:`extract` reproduces dlib's chips: a least-squares similarity to the padded
+5-point template, a pyramid level for large faces, and bilinear sampling in
+float64 in dlib's order of operations (its docstring gives the steps); faces
+sampled straight from the image are vectorized in chunks of a few.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxface.faces.landmarks import check_image
+from jaxface.faces._landmarks import check_image
 
 # dlib's 5-point mean face (x, y in [0, 1] before padding), in the landmark order of the 5-point model.
 TEMPLATE_5 = np.array([
@@ -215,10 +196,31 @@ def _sample(src: np.ndarray, affine: np.ndarray, size: int, crops: np.ndarray | 
 def extract(image, landmarks, size: int = 150, padding: float = 0.25) -> np.ndarray:
   """Aligned face chips, as dlib's ``get_face_chip(img, shape, size, padding)`` per face.
 
+  Per face (each face is extracted as by its own ``get_face_chip`` call):
+
+  1. Fit a least-squares similarity from the padded 5-point template (in chip
+     pixels) to the landmarks: scale ``s`` and angle ``theta``.
+  2. The chip is the square of side ``size * s`` centred at the image of the chip
+     centre, rotated by ``theta`` (dlib's ``chip_details``: a rectangle with
+     half-width ``(size * s - 1) / 2`` and an angle).
+  3. Large faces (the square, halved once, still covers more than size**2
+     pixels) are sampled from a half-size pyramid level instead of the image:
+     dlib crops the rotated square's bounding box grown by 6 pixels per level
+     step (clipped to the image, rounded), then filters it with dlib's
+     ``pyramid_down<2>`` (5x5 binomial [1 4 6 4 1]^2 kernel, integer floor of
+     /256, no border padding, output (n - 3) // 2) and maps coordinates by
+     ``p / 2 - (1.25, 0.75)`` per level.
+  4. Bilinear sampling in float64 from the floor neighbours, with the value
+     truncated to uint8; an output pixel with any neighbour outside the
+     (cropped) source is 0.
+
+  The float64 steps follow dlib's order of operations, since truncation to uint8
+  turns 1-ulp differences on flat regions into 1-level differences.
+
   Args:
     image: uint8 [H, W, 3] RGB (or [H, W] grayscale, repeated to 3 channels).
     landmarks: [N, 5, 2] (x, y) 5-point landmarks (int or float), e.g. from
-      :func:`jaxface.faces.landmarks.predict`.
+      :func:`jaxface.faces._landmarks.predict`.
     size: chip side in pixels (>= 2).
     padding: margin around the template face, as a fraction of its size (>= 0).
   Returns:
@@ -249,8 +251,8 @@ def extract(image, landmarks, size: int = 150, padding: float = 0.25) -> np.ndar
   # (the rotated square grown by 2 px, clipped): neighbours outside that crop count as outside.
   direct = [i for i, p in enumerate(plans) if p["levels"] == 0 and not p["empty"]]
   # Chunks of a few faces: each face's float64 intermediates take ~5 MB at size 150, and
-  # staying near cache size is faster than one call over all faces (measured: 2 faces/call
-  # ~4.5 ms/face, 24 faces/call ~8 ms/face).
+  # staying near cache size is faster than one call over all faces (timings: BUILD.md,
+  # "dlib face pipeline"). A large face is sampled from its own pyramid crop below.
   step = max(1, _CHUNK_PIXELS // (size * size))
   for s in range(0, len(direct), step):
     idx = direct[s:s + step]

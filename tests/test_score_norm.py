@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxface.recognition import score_norm
+from jaxface import score_norm
 
 
 def _data(n=23, m=41, d=8, seed=0):

@@ -1,24 +1,9 @@
 """5-point face landmarks from a face box: dlib's regression-tree cascade (Kazemi & Sullivan), in NumPy.
 
 ``predict(sp, image, boxes)`` reproduces dlib's ``shape_predictor`` with the
-5-point model bit for bit: every face in ``boxes`` and every tree of a cascade
-is evaluated at once (a depth-4 tree is 4 vectorized gathers), so the Python
-work is a loop over the 15 cascades and 4 tree levels only.
-
-Why NumPy rather than JAX: exactness needs dlib's mixed precision. The
-similarity transform between the mean shape and the current shape is fitted in
-float64 and then cast to a float32 2x2 matrix; feature-pixel offsets are then
-transformed in float32, mapped into the box in float64 and rounded; the
-500 tree outputs of a cascade are added to the float32 shape one after the
-other (a sequential float32 sum: ``np.add.accumulate``; a pairwise sum would
-round differently and could flip a later split). JAX without x64 cannot do the
-float64 steps, and the work is small (15 x 800 feature pixels and 15 x 500 x 4
-comparisons per face: a few milliseconds).
-
-Conventions (dlib): a box is (left, top, right, bottom), inclusive; box-
-normalized u maps to ``left + u * (right - left)``; feature pixels and the
-returned landmarks are rounded with ``floor(x + 0.5)``; the intensity of an
-RGB pixel is ``(r + g + b) // 3``; pixels outside the image read 0.
+5-point model bit for bit, vectorized over faces and trees; it is NumPy rather
+than JAX because exactness needs dlib's float64/float32 mix
+(:func:`predict_shapes`).
 """
 
 from __future__ import annotations
@@ -29,9 +14,6 @@ import os
 import numpy as np
 
 from jaxface.formats import dlib_shape
-
-# Bump when the converted (cached) layout changes.
-CONVERTER_VERSION = "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +31,13 @@ def load_shape_predictor(path: str | os.PathLike | None = None) -> ShapePredicto
 
   With ``path=None`` the file comes from the ``face-recognition-models``
   package and is converted once, then restored from the cache
-  (``jaxface.pretrained.cached("shape5", ...)``); with a path, that file is
-  parsed directly (about 2 s).
+  (``jaxface.pretrained.converted("shape5")``); with a path, that file is
+  parsed directly (slower: seconds).
   """
   if path is not None:
     return ShapePredictor(dlib_shape.read_shape_predictor(path))
   from jaxface import pretrained  # imported here: the package pulls in orbax
-  tree = pretrained.cached("shape5", CONVERTER_VERSION, dlib_shape.convert)
+  tree = pretrained.converted("shape5")
   return ShapePredictor(dlib_shape.ShapePredictorModel.from_dict(tree))
 
 
@@ -141,7 +123,25 @@ def _box_map(boxes: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def predict_shapes(sp: ShapePredictor, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-  """The cascade: uint8 [H, W, 3] image, int [N, 4] boxes -> float32 [N, P, 2] normalized shapes."""
+  """The cascade: uint8 [H, W, 3] image, int [N, 4] boxes -> float32 [N, P, 2] normalized shapes.
+
+  Every face and every tree of a cascade is evaluated at once (a depth-4 tree is
+  4 vectorized gathers), so the Python work is a loop over the cascades and tree
+  levels only. NumPy rather than JAX because exactness needs dlib's mixed
+  precision: the similarity transform between the mean shape and the current
+  shape is fitted in float64 and then cast to a float32 2x2 matrix; feature-pixel
+  offsets are then transformed in float32, mapped into the box in float64 and
+  rounded; the 500 tree outputs of a cascade are added to the float32 shape one
+  after the other (a sequential float32 sum: ``np.add.accumulate``; a pairwise
+  sum would round differently and could flip a later split). JAX without x64
+  cannot do the float64 steps, and the work is small (15 x 800 feature pixels
+  and 15 x 500 x 4 comparisons per face).
+
+  Conventions (dlib): a box is (left, top, right, bottom), inclusive; box-
+  normalized u maps to ``left + u * (right - left)``; feature pixels and the
+  returned landmarks are rounded with ``floor(x + 0.5)``; the intensity of an
+  RGB pixel is ``(r + g + b) // 3``; pixels outside the image read 0.
+  """
   m = sp.model
   n = boxes.shape[0]
   h, w = image.shape[:2]
