@@ -11,6 +11,7 @@ r"""Face enrollment, verification and recognition from the command line.
   python -m experiments.faces list
   python -m experiments.faces remove biden
   python -m experiments.faces rename biden "Joe Biden"
+  python -m experiments.faces cluster photos/ --out=by_person/                # group a collection by person
 
 Gallery: ``--gallery`` (default ``$JAXFACE_GALLERY``, else
 ``~/.local/share/jaxface/gallery.sqlite``; ``enroll`` creates it and its
@@ -44,6 +45,16 @@ images (a folder or one file) is matched against them. The known images'
 faces are cached by file content, encoder and ``--upsample`` under
 ``$JAXFACE_CACHE/known_faces`` (default ``~/.cache/jaxface``), so a second run
 embeds only new or changed files (``--noknown_cache`` turns it off).
+
+``cluster PHOTOS... --out=DIR``: no gallery; every face of every image is
+embedded and the faces are grouped by chinese whispers (dlib's
+``chinese_whispers_clustering``: faces closer than ``--cluster_threshold``, default
+0.5, are linked; :mod:`jaxface.recognition.cluster`). ``DIR`` gets a folder per
+cluster of at least ``--min_cluster_size`` faces (``person_001`` the largest),
+``unclustered/`` for the rest, each with symlinks to the images (``--copy``:
+copies), and ``clusters.csv`` (path, face, box, cluster, file); the clusters are
+listed on stdout. A non-empty ``DIR`` is refused; ``--overwrite`` replaces an
+earlier ``cluster`` output there, and only that.
 
 ``calibrate --target_far=F`` needs at least 1/F impostor (different-person)
 pairs: N of them cannot measure a FAR below 1/N, and such a target is refused.
@@ -93,7 +104,7 @@ from jaxface.recognition import encoders, gallery as gallery_lib, known_cache
 # Modules that import JAX (calibration, score_norm, search, siamese) are imported by the commands
 # that use them: list, remove and rename start in a fraction of a second.
 
-COMMANDS = ("enroll", "verify", "identify", "calibrate", "list", "remove", "rename")
+COMMANDS = ("enroll", "verify", "identify", "calibrate", "list", "remove", "rename", "cluster")
 FORMATS = ("table", "csv", "json")
 NOT_RECOGNIZED = "not recognized"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
@@ -151,6 +162,12 @@ class Options:
   rounds: int = field(10, "calibrate --target_fpir: simulated one-shot galleries")
   known_cache: bool = field(True, "identify --known: reuse cached embeddings of unchanged known images")
   progress: bool = field(True, "progress bar on stderr for folders")
+  out: str = field("", "cluster: output folder (one subfolder per person, clusters.csv)")
+  cluster_threshold: float = field(0.5, "cluster: faces closer than this (Euclidean) are linked, as in dlib's "
+                                   "chinese_whispers_clustering")
+  min_cluster_size: int = field(2, "cluster: smaller groups go to unclustered/")
+  copy: bool = field(False, "cluster: copy the images instead of symlinking them")
+  overwrite: bool = field(False, "cluster: replace an earlier cluster output in --out (nothing else)")
 
 
 class CliError(Exception):
@@ -892,6 +909,55 @@ class App:
     with self.open_gallery(write=True, with_encoder=False) as gal:
       gal.rename(old, new)
     self.emit([{"old": old, "new": new}])
+
+  # ----- cluster
+
+  def cmd_cluster(self, args: list[str]) -> None:
+    from jaxface.recognition import cluster  # JAX: only cluster needs it
+    o = self.opts
+    if not args or not o.out:
+      raise CliError("usage: cluster IMAGE... | DIR --out=DIR", 2)
+    if not (math.isfinite(o.cluster_threshold) and o.cluster_threshold > 0) or o.min_cluster_size < 1:
+      raise CliError(f"--cluster_threshold={o.cluster_threshold}, --min_cluster_size={o.min_cluster_size}: "
+                     "expected a finite distance > 0 and a size >= 1", 2)
+    if o.threshold != THRESHOLD_UNSET:
+      raise CliError("cluster: --threshold is the recognition threshold; use --cluster_threshold", 2)
+    images, any_dir = expand_inputs(args)
+    out = paths.expand(o.out)
+    try:
+      cluster.check_output_folder(out, overwrite=o.overwrite)
+    except cluster.OutputFolderError as e:
+      hint = " (--overwrite replaces an earlier cluster output there)" if not o.overwrite else ""
+      raise CliError(f"--out={e}{hint}") from e
+    sources, boxes, embs, no_face = [], [], [], 0
+    with Progress(len(images), "cluster", self.err, any_dir and o.progress) as bar:
+      for path in images:
+        try:
+          found = self.faces_of(path)
+        except (ValueError, OSError) as e:
+          self.failures += 1
+          self.warn(f"skipped {_naming(e, path)}")
+        else:
+          no_face += len(found) == 0
+          sources += [path] * len(found)
+          boxes.append(found.boxes)
+          embs.append(found.embeddings)
+        bar.step(path)
+    emb = np.concatenate(embs) if embs else np.zeros((0, self.encoder.dim), np.float32)
+    result = cluster.cluster_faces(emb, threshold=o.cluster_threshold, min_cluster_size=o.min_cluster_size)
+    rows = cluster.write_cluster_folders(out, sources, np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+                                         result, copy=o.copy, overwrite=o.overwrite)
+    summary: dict[str, dict] = {}
+    for r in rows:
+      s = summary.setdefault(r["cluster"], {"cluster": r["cluster"], "faces": 0, "images": set()})
+      s["faces"] += 1
+      s["images"].add(r["path"])
+    self.emit([{**s, "images": len(s["images"]), "folder": os.path.join(out, s["cluster"])}
+               for s in sorted(summary.values(), key=lambda s: s["cluster"])], ["cluster", "faces", "images", "folder"])
+    print(f"cluster: {len(rows)} faces in {len(images) - self.failures - no_face} of {len(images)} images "
+          f"({no_face} without a face, {self.failures} unreadable): {result.num_clusters} clusters of >= "
+          f"{o.min_cluster_size} faces, {result.num_unclustered} unclustered; written to {out} "
+          f"({cluster.MANIFEST})", file=self.err, flush=True)
 
   # ----- dispatch
 
