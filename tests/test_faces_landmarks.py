@@ -198,3 +198,68 @@ def test_load_through_cache(tmp_path, monkeypatch, sp):
     np.testing.assert_array_equal(getattr(first.model, name), want, err_msg=name)
     np.testing.assert_array_equal(getattr(again.model, name), want, err_msg=name)
     assert getattr(again.model, name).dtype == want.dtype
+
+
+def test_load_unknown_model_name():
+  with pytest.raises(ValueError, match="shape68"):
+    L.load_shape_predictor(name="shape7")
+
+
+# --------------------------------------------------------------------------- 68 points (dlib_golden_hog)
+
+
+@pytest.fixture(scope="module")
+def hog_golden():
+  import os
+
+  from jaxface import paths
+  f = os.path.join(paths.data_root(), "dlib_golden_hog", "golden.npz")
+  if not os.path.isfile(f):
+    pytest.skip(f"golden data not found at {f}")
+  z = np.load(f)
+  return {k: z[k] for k in z.files}, paths.data_root()
+
+
+@pytest.fixture(scope="module")
+def sp68() -> L.ShapePredictor:
+  try:
+    path = pretrained.model_file("shape68")
+  except pretrained.PretrainedNotFoundError as e:
+    pytest.skip(f"weights package not installed: {e}")
+  return L.load_shape_predictor(path)  # direct parse (~10 s): leaves the user's cache alone
+
+
+def _hog_image(root, path):
+  import os
+
+  from PIL import Image
+  with Image.open(os.path.join(root, str(path))) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def test_golden_68_and_5_point_landmarks_exact(sp, sp68, hog_golden):
+  """Every face of dlib_golden_hog (247 HOG boxes on 180 photos): the 68- and 5-point
+  models' integer points equal dlib's."""
+  g, root = hog_golden
+  assert sp68.num_parts == 68
+  checked = 0
+  for i in np.unique(g["lm_image"]):
+    sel = np.flatnonzero(g["lm_image"] == i)
+    image = _hog_image(root, g["paths"][i])
+    got68 = L.predict(sp68, image, g["lm_rect"][sel])
+    got5 = L.predict(sp, image, g["lm_rect"][sel])
+    assert got68.shape == (sel.size, 68, 2) and got68.dtype == np.int64
+    bad = np.flatnonzero(np.any(got68 != g["lm68"][sel], axis=(1, 2)) | np.any(got5 != g["lm5"][sel], axis=(1, 2)))
+    assert bad.size == 0, f"{g['paths'][i]}: faces {sel[bad].tolist()} differ from dlib"
+    checked += sel.size
+  assert checked == g["lm68"].shape[0] == 247
+
+
+def test_68_point_matches_slow_reference(sp68, hog_golden):
+  g, root = hog_golden
+  image = _hog_image(root, g["paths"][g["lm_image"][0]])
+  box = g["lm_rect"][0]
+  boxes = np.array([box, box - [box[0] + 20, 0, box[0] + 20, 0]])  # and one cut by the left border
+  got = L.predict(sp68, image, boxes)
+  for i, b in enumerate(boxes):
+    np.testing.assert_array_equal(got[i], ref_predict_one(sp68, image, b), err_msg=f"box {b}")

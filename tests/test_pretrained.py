@@ -85,7 +85,7 @@ def test_missing_file_in_the_package_says_reinstall(fake_models):
 
 def test_unknown_name_and_bad_version_are_value_errors(fake_models):
   with pytest.raises(ValueError, match="name must be one of"):
-    pretrained.model_file("shape68")
+    pretrained.model_file("shape7")  # not a model file
   with pytest.raises(ValueError, match="version"):
     pretrained.cached("resnet", "../x", lambda p: {})
 
@@ -210,7 +210,7 @@ def test_converted_uses_each_files_reader_and_its_version(fake_models, monkeypat
   assert calls == [str(fake_models / pretrained.MODEL_FILES["mmod"])]
   assert os.path.isdir(pretrained.cache_entry("mmod", dlib_mmod.CONVERTER_VERSION))
   with pytest.raises(ValueError, match="name must be one of"):
-    pretrained.converted("shape68")
+    pretrained.converted("shape7")  # not a model file
 
 
 def test_unsupported_leaves_are_refused(fake_models):

@@ -32,21 +32,6 @@ def test_chain_labels_identical_to_dlib():
   assert cluster.chinese_whispers(x, 0.5, seed=1).tolist() != dlib_labels
 
 
-def test_dlib_rand_stream():
-  r = cluster.DlibRand.__new__(cluster.DlibRand)
-  r._state, r._buffer = cluster._mt_seed(5489), np.zeros(0, np.uint32)
-  w = r.uint32(10000)
-  assert w[0] == 3499211612 and w[-1] == 4123659995  # std::mt19937 (the C++ standard's check value)
-  a, b = cluster.DlibRand(), cluster.DlibRand()
-  words = a.uint32(3)
-  assert b.uint64(1)[0] == (int(words[0]) << 32) | int(words[1])  # high half first
-  # Drawing in pieces or at once gives the same stream (the buffer across twists).
-  c, d = cluster.DlibRand("seed"), cluster.DlibRand("seed")
-  np.testing.assert_array_equal(np.concatenate([c.uint32(5), c.uint32(700), c.uint32(1)]), d.uint32(706))
-  assert not np.array_equal(cluster.DlibRand(7).uint32(4), cluster.DlibRand("").uint32(4))
-  np.testing.assert_array_equal(cluster.DlibRand(7).uint32(4), cluster.DlibRand("7").uint32(4))
-
-
 @pytest.mark.parametrize("n,dim,thr", [(2, 3, 0.5), (57, 4, 0.9), (300, 2, 0.15), (1100, 3, 0.3)])
 def test_vectorized_edges_match_brute_force(n, dim, thr):
   rng = np.random.default_rng(n)

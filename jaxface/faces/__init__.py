@@ -106,15 +106,19 @@ def _as_int_array(x: Any, name: str, tail: tuple[int, ...], what: str) -> np.nda
 
 
 def detect(image: Any, *, upsample: int = 1, threshold: float = 0.0,
-           return_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-  """Faces in `image` with dlib's MMOD CNN detector.
+           return_scores: bool = False, method: str = "cnn") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Faces in `image` with dlib's MMOD CNN detector, or its HOG frontal face detector.
 
   Args:
     image: anything :func:`load_image` accepts.
     upsample: times the image is doubled before detecting (finds faces down to
       ~40 px at 1, ~20 px at 2; each step costs ~4x time).
-    threshold: detection score threshold (higher = fewer, surer faces).
+    threshold: detection score threshold (higher = fewer, surer faces); for
+      ``method="hog"`` dlib's ``adjust_threshold``.
     return_scores: also return the scores.
+    method: ``"cnn"`` (``mmod_human_face_detector``) or ``"hog"``
+      (``dlib.get_frontal_face_detector()``, :mod:`jaxface.faces.hog`; frontal
+      faces only, upsample at most 4).
 
   Returns:
     boxes int64 [N, 4] (left, top, right, bottom), highest score first; with
@@ -128,8 +132,14 @@ def detect(image: Any, *, upsample: int = 1, threshold: float = 0.0,
     raise ValueError(f"threshold: expected a number, got {threshold!r}") from None
   if not np.isfinite(threshold):
     raise ValueError(f"threshold: expected a finite number, got {threshold}")
+  if method not in ("cnn", "hog"):
+    raise ValueError(f"method: expected 'cnn' or 'hog', got {method!r}")
   img = _rgb(image)
-  boxes, scores = _model("detector").detect(img, upsample=int(upsample), threshold=threshold)
+  if method == "hog":
+    boxes, scores, _ = importlib.import_module("jaxface.faces.hog").hog_detect(
+        img, upsample=int(upsample), adjust_threshold=threshold)
+  else:
+    boxes, scores = _model("detector").detect(img, upsample=int(upsample), threshold=threshold)
   boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
   scores = np.asarray(scores, np.float32).reshape(-1)
   return (boxes, scores) if return_scores else boxes

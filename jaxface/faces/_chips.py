@@ -1,9 +1,10 @@
-"""Aligned face chips from 5-point landmarks: dlib's ``get_face_chip`` (size 150, padding 0.25), in NumPy.
+"""Aligned face chips from 5- or 68-point landmarks: dlib's ``get_face_chip`` (size 150, padding 0.25), in NumPy.
 
 :func:`extract` reproduces dlib's chips: a least-squares similarity to the padded
-5-point template, a pyramid level for large faces, and bilinear sampling in
-float64 in dlib's order of operations (its docstring gives the steps); faces
-sampled straight from the image are vectorized in chunks of a few.
+5-point template (or, for 68-point landmarks, dlib's 68-point mean face on the
+nose, eyes and outer/upper lips), a pyramid level for large faces, and bilinear
+sampling in float64 in dlib's order of operations (its docstring gives the
+steps); faces sampled straight from the image are vectorized in chunks of a few.
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ TEMPLATE_5 = np.array([
     (0.3340850613712, 0.2290642403242),
     (0.4901123135679, 0.6277975316475),
 ], np.float64)
+
+# dlib's 68-point mean face (iBUG 300-W order), points 17..67, x and y in [0, 1] before padding.
+# Data from dlib's get_face_chip_details (dlib/image_transforms/interpolation.h, dlib 19.x-20.x;
+# Copyright Davis E. King, Boost Software License 1.0: https://www.boost.org/LICENSE_1_0.txt).
+_MEAN_68_X = (
+    0.000213256, 0.0752622, 0.18113, 0.29077, 0.393397, 0.586856, 0.689483, 0.799124,
+    0.904991, 0.98004, 0.490127, 0.490127, 0.490127, 0.490127, 0.36688, 0.426036,
+    0.490127, 0.554217, 0.613373, 0.121737, 0.187122, 0.265825, 0.334606, 0.260918,
+    0.182743, 0.645647, 0.714428, 0.793132, 0.858516, 0.79751, 0.719335, 0.254149,
+    0.340985, 0.428858, 0.490127, 0.551395, 0.639268, 0.726104, 0.642159, 0.556721,
+    0.490127, 0.423532, 0.338094, 0.290379, 0.428096, 0.490127, 0.552157, 0.689874,
+    0.553364, 0.490127, 0.42689)
+_MEAN_68_Y = (
+    0.106454, 0.038915, 0.0187482, 0.0344891, 0.0773906, 0.0773906, 0.0344891,
+    0.0187482, 0.038915, 0.106454, 0.203352, 0.307009, 0.409805, 0.515625, 0.587326,
+    0.609345, 0.628106, 0.609345, 0.587326, 0.216423, 0.178758, 0.179852, 0.231733,
+    0.245099, 0.244077, 0.231733, 0.179852, 0.178758, 0.216423, 0.244077, 0.245099,
+    0.780233, 0.745405, 0.727388, 0.742578, 0.727388, 0.745405, 0.780233, 0.864805,
+    0.902192, 0.909281, 0.902192, 0.864805, 0.784792, 0.778746, 0.785343, 0.778746,
+    0.784792, 0.824182, 0.831803, 0.824182)
+# dlib aligns 68-point faces on points 27..54 and 60..64: it skips the jaw (0-16), the
+# eyebrows (17-26) and the lower lip (55-59, 65-67).
+INDICES_68 = np.array([i for i in range(17, 68) if not (17 <= i <= 26 or 55 <= i <= 59 or 65 <= i <= 67)])
+TEMPLATE_68 = np.stack([np.array(_MEAN_68_X), np.array(_MEAN_68_Y)], axis=1)[INDICES_68 - 17]
 
 _PYR_OFFSET = np.array([1.25, 0.75])  # dlib's pyramid_down<2>: p_down = p / 2 - (1.25, 0.75)
 _CHUNK_PIXELS = 2 * 150 * 150  # chip pixels sampled per vectorized call
@@ -45,9 +70,16 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def chip_geometry(landmarks: np.ndarray, size: int, padding: float) -> tuple[np.ndarray, float]:
-  """dlib's chip_details for one face: (rect [l, t, r, b] float64, angle in radians)."""
-  src = (padding + TEMPLATE_5) / (2 * padding + 1) * size
-  m, t = _similarity(src, landmarks.astype(np.float64))
+  """dlib's chip_details for one face: (rect [l, t, r, b] float64, angle in radians).
+
+  ``landmarks`` [5, 2] or [68, 2]; with 68 points only :data:`INDICES_68` are used, as in dlib.
+  """
+  if landmarks.shape[0] == 68:
+    template, dst = TEMPLATE_68, landmarks[INDICES_68]
+  else:
+    template, dst = TEMPLATE_5, landmarks
+  src = (padding + template) / (2 * padding + 1) * size
+  m, t = _similarity(src, dst.astype(np.float64))
   px, py = m[0, 0], m[1, 0]  # m @ (1, 0)
   angle = np.arctan2(py, px)
   scale = np.sqrt(px * px + py * py)
@@ -96,8 +128,13 @@ def plan(landmarks: np.ndarray, image_hw: tuple[int, int], size: int = 150,
   ``levels`` (number of pyramid steps applied to the crop, 0 = sample the
   crop directly) and ``affine`` (float64 [2, 3]: source (x, y) = A @ (col, row, 1)).
   """
-  h, w = image_hw
   rect, angle = chip_geometry(landmarks, size, padding)
+  return plan_rect(rect, angle, image_hw, size)
+
+
+def plan_rect(rect: np.ndarray, angle: float, image_hw: tuple[int, int], size: int) -> dict:
+  """:func:`plan` from dlib's chip_details: float64 rect [l, t, r, b] and angle (radians)."""
+  h, w = image_hw
   chip_area = float(size * size)
   # Pyramid depth and crop margin (dlib: grow = 2, then grow*2 + 2 per extra level).
   depth, grow = 0, 2.0
@@ -199,7 +236,9 @@ def extract(image, landmarks, size: int = 150, padding: float = 0.25) -> np.ndar
   Per face (each face is extracted as by its own ``get_face_chip`` call):
 
   1. Fit a least-squares similarity from the padded 5-point template (in chip
-     pixels) to the landmarks: scale ``s`` and angle ``theta``.
+     pixels) to the landmarks: scale ``s`` and angle ``theta``. With 68-point
+     landmarks the template is dlib's 68-point mean face restricted to
+     :data:`INDICES_68` (nose, eyes, outer and upper inner lip: 33 points).
   2. The chip is the square of side ``size * s`` centred at the image of the chip
      centre, rotated by ``theta`` (dlib's ``chip_details``: a rectangle with
      half-width ``(size * s - 1) / 2`` and an angle).
@@ -219,8 +258,8 @@ def extract(image, landmarks, size: int = 150, padding: float = 0.25) -> np.ndar
 
   Args:
     image: uint8 [H, W, 3] RGB (or [H, W] grayscale, repeated to 3 channels).
-    landmarks: [N, 5, 2] (x, y) 5-point landmarks (int or float), e.g. from
-      :func:`jaxface.faces._landmarks.predict`.
+    landmarks: [N, 5, 2] or [N, 68, 2] (x, y) landmarks (int or float) of dlib's
+      5- or 68-point model, e.g. from :func:`jaxface.faces._landmarks.predict`.
     size: chip side in pixels (>= 2).
     padding: margin around the template face, as a fraction of its size (>= 0).
   Returns:
@@ -231,22 +270,48 @@ def extract(image, landmarks, size: int = 150, padding: float = 0.25) -> np.ndar
   lm = np.asarray(landmarks)
   if lm.dtype.kind not in "iuf":
     raise ValueError(f"landmarks must be numeric, got {lm.dtype}")
-  if lm.ndim != 3 or lm.shape[1:] != (5, 2):
-    raise ValueError(f"landmarks must be [N, 5, 2] (x, y), got shape {lm.shape}")
+  if lm.ndim != 3 or lm.shape[1:] not in ((5, 2), (68, 2)):
+    raise ValueError(f"landmarks must be [N, 5, 2] or [N, 68, 2] (x, y), got shape {lm.shape}")
   if not np.all(np.isfinite(lm)) or np.any(np.abs(lm) > 1 << 30):
     raise ValueError("landmarks must be finite and within +-2**30")
-  flat_faces = np.flatnonzero(np.all(lm == lm[:, :1], axis=(1, 2)))
+  used = lm[:, INDICES_68] if lm.shape[1] == 68 else lm  # the points the alignment uses
+  flat_faces = np.flatnonzero(np.all(used == used[:, :1], axis=(1, 2)))
   if flat_faces.size:
     raise ValueError(f"landmarks of face {int(flat_faces[0])} are all one point: no alignment exists")
   if not isinstance(size, (int, np.integer)) or not 2 <= size <= 4096:
     raise ValueError(f"size must be an integer in [2, 4096], got {size!r}")
   if not np.isfinite(padding) or padding < 0:
     raise ValueError(f"padding must be >= 0, got {padding!r}")
-  n = lm.shape[0]
-  out = np.zeros((n, size, size, 3), np.uint8)
-  if n == 0:
-    return out
-  plans = [plan(lm[i], image.shape[:2], size, padding) for i in range(n)]
+  if lm.shape[0] == 0:
+    return np.zeros((0, size, size, 3), np.uint8)
+  return _render(image, [plan(lm[i], image.shape[:2], size, padding) for i in range(lm.shape[0])], size)
+
+
+def extract_rotated(image, rects, angles, size: int) -> np.ndarray:
+  """Chips of dlib's ``chip_details(rect, chip_dims(size, size), angle)`` (``extract_image_chip``).
+
+  Args:
+    image: uint8 [H, W, 3] (or [H, W]).
+    rects: float [N, 4] (l, t, r, b) source rectangles (dlib drectangles: inclusive, so a
+      rectangle of side ``size`` at scale 1 spans ``r - l = size - 1``).
+    angles: float [N], rotation of each rectangle about its centre (radians).
+    size: chip side in pixels.
+  Returns:
+    uint8 [N, size, size, 3], sampled as :func:`extract` samples.
+  """
+  image = check_image(image)
+  rects = np.asarray(rects, np.float64).reshape(-1, 4)
+  angles = np.asarray(angles, np.float64).reshape(-1)
+  if rects.shape[0] != angles.shape[0]:
+    raise ValueError(f"rects and angles disagree: {rects.shape[0]} vs {angles.shape[0]}")
+  if rects.shape[0] == 0:
+    return np.zeros((0, size, size, 3), np.uint8)
+  return _render(image, [plan_rect(r, float(a), image.shape[:2], size) for r, a in zip(rects, angles)], size)
+
+
+def _render(image: np.ndarray, plans: list[dict], size: int) -> np.ndarray:
+  """Samples the chips of :func:`plan` / :func:`plan_rect` results -> uint8 [len(plans), size, size, 3]."""
+  out = np.zeros((len(plans), size, size, 3), np.uint8)
   # Faces sampled straight from the image: one vectorized call. dlib reads them from a crop
   # (the rotated square grown by 2 px, clipped): neighbours outside that crop count as outside.
   direct = [i for i, p in enumerate(plans) if p["levels"] == 0 and not p["empty"]]

@@ -1,7 +1,7 @@
-"""5-point face landmarks from a face box: dlib's regression-tree cascade (Kazemi & Sullivan), in NumPy.
+"""5- and 68-point face landmarks from a face box: dlib's regression-tree cascade (Kazemi & Sullivan), in NumPy.
 
 ``predict(sp, image, boxes)`` reproduces dlib's ``shape_predictor`` with the
-5-point model bit for bit, vectorized over faces and trees; it is NumPy rather
+5-point and the 68-point (iBUG 300-W) models bit for bit, vectorized over faces and trees; it is NumPy rather
 than JAX because exactness needs dlib's float64/float32 mix
 (:func:`predict_shapes`).
 """
@@ -26,18 +26,24 @@ class ShapePredictor:
     return self.model.num_parts
 
 
-def load_shape_predictor(path: str | os.PathLike | None = None) -> ShapePredictor:
-  """Loads dlib's 5-point shape predictor.
+SHAPE_MODELS = ("shape5", "shape68")
+
+
+def load_shape_predictor(path: str | os.PathLike | None = None, *, name: str = "shape5") -> ShapePredictor:
+  """Loads one of dlib's shape predictors.
 
   With ``path=None`` the file comes from the ``face-recognition-models``
   package and is converted once, then restored from the cache
-  (``jaxface.pretrained.converted("shape5")``); with a path, that file is
-  parsed directly (slower: seconds).
+  (``jaxface.pretrained.converted(name)``: ``"shape5"``, the 5-point model, or
+  ``"shape68"``, the 68-point iBUG 300-W model); with a path, that file is
+  parsed directly (slower: seconds; ~10 s for the 68-point model).
   """
   if path is not None:
     return ShapePredictor(dlib_shape.read_shape_predictor(path))
+  if name not in SHAPE_MODELS:
+    raise ValueError(f"name must be one of {SHAPE_MODELS}, got {name!r}")
   from jaxface import pretrained  # imported here: the package pulls in orbax
-  tree = pretrained.converted("shape5")
+  tree = pretrained.converted(name)
   return ShapePredictor(dlib_shape.ShapePredictorModel.from_dict(tree))
 
 
@@ -184,7 +190,7 @@ def predict_shapes(sp: ShapePredictor, image: np.ndarray, boxes: np.ndarray) -> 
 
 
 def predict(sp: ShapePredictor, image, boxes) -> np.ndarray:
-  """5-point landmarks of the faces in ``boxes``.
+  """Landmarks (5 or 68 points, as ``sp``) of the faces in ``boxes``.
 
   Args:
     sp: from :func:`load_shape_predictor`.
@@ -194,7 +200,9 @@ def predict(sp: ShapePredictor, image, boxes) -> np.ndarray:
   Returns:
     int64 [N, P, 2] landmarks (x, y) in image pixels; for the 5-point model the
     parts are: right eye outer/inner corner, left eye outer/inner corner
-    (subject's right/left as in dlib), bottom of the nose.
+    (subject's right/left as in dlib), bottom of the nose; the 68-point model
+    gives the iBUG 300-W points (jaw 0-16, eyebrows 17-26, nose 27-35, eyes
+    36-47, mouth 48-67).
   """
   if not isinstance(sp, ShapePredictor):
     raise ValueError(f"sp must be a ShapePredictor (load_shape_predictor()), got {type(sp).__name__}")

@@ -1,28 +1,9 @@
 """Grouping faces by person: Chinese whispers over a distance-threshold graph, as dlib does it.
 
-:func:`chinese_whispers` returns the same labels as ``dlib.chinese_whispers_clustering(descriptors,
-threshold)`` (dlib 19.x/20.x, ``tools/python/src/face_recognition.cpp`` and
-``dlib/clustering/chinese_whispers.h``):
-
-* the graph: an edge between faces i <= j whose Euclidean distance is strictly ``< threshold``
-  (so every face has a self-edge), every edge of weight 1;
-* ``iterations * N`` times: pick a node ``dlib::rand().get_random_64bit_number() % N`` and give it
-  the label that occurs most often among its neighbours (itself included), the smallest label on
-  a tie (dlib walks a ``std::map`` in key order and keeps the first strictly larger count);
-* labels start as the node indices and are finally renumbered 0, 1, ... in order of first
-  appearance over the nodes.
-
-``dlib::rand`` is the 32-bit Mersenne twister (mt19937, seeded 5489 for the default empty seed
-string, else with the string's ``s = s * 37 + char`` hash) advanced 10000 steps; a 64-bit number
-is two consecutive outputs, the first in the high half. :class:`DlibRand` reproduces that stream,
-so the partition AND the label numbers agree with dlib's, not only the partition up to relabelling.
-
-Distances: a jnp pass finds candidate pairs (float32, with a margin), which are then decided
-exactly in float64 NumPy from the differences, as dlib decides them in double.
-
-:func:`cluster_faces` turns the labels into the clusters a photo collection is split into
-(``python -m experiments.faces cluster``): clusters of at least ``min_cluster_size`` faces numbered
-by decreasing size, the rest unclustered.
+:func:`chinese_whispers` returns the same labels as ``dlib.chinese_whispers_clustering`` (the
+graph, the update rule and dlib's random visiting order, ``jaxface.dlib_rand``, are dlib's: see
+its docstring); :func:`cluster_faces` turns labels into the clusters a photo collection is split
+into (``python -m experiments.faces cluster``).
 """
 
 from __future__ import annotations
@@ -38,89 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DlibRand", "similarity_edges", "brute_force_edges", "chinese_whispers", "cluster_faces",
+from jaxface.dlib_rand import DlibRand
+
+__all__ = ["similarity_edges", "brute_force_edges", "chinese_whispers", "cluster_faces",
            "cluster_names", "Clustering", "UNCLUSTERED",
            "check_output_folder", "write_cluster_folders", "OutputFolderError", "MANIFEST"]
 
 UNCLUSTERED = -1
 _BLOCK = 1024  # rows of the distance matrix per jnp call: [1024, N] float32, bounded memory
-
-# mt19937 (Matsumoto & Nishimura; parameters as in the C++ standard).
-_N, _M = 624, 397
-_MATRIX_A = np.uint32(0x9908B0DF)
-_UPPER, _LOWER = np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
-_MASK32 = 0xFFFFFFFF
-
-
-def _mt_seed(value: int) -> np.ndarray:
-  state = [value & _MASK32]
-  for i in range(1, _N):
-    prev = state[-1]
-    state.append((1812433253 * (prev ^ (prev >> 30)) + i) & _MASK32)
-  return np.asarray(state, np.uint32)
-
-
-def _mt_mix(upper_of: np.ndarray, lower_of: np.ndarray, far: np.ndarray) -> np.ndarray:
-  y = (upper_of & _UPPER) | (lower_of & _LOWER)
-  return far ^ (y >> np.uint32(1)) ^ np.where((y & np.uint32(1)) != 0, _MATRIX_A, np.uint32(0))
-
-
-def _mt_twist(x: np.ndarray) -> np.ndarray:
-  """The next 624 words of state. New word i needs old words i, i+1 and word i+397 (mod 624), which
-  for i >= 227 is already a new one: three vectorized runs plus the last word."""
-  new = np.empty_like(x)
-  new[:227] = _mt_mix(x[:227], x[1:228], x[397:624])
-  new[227:454] = _mt_mix(x[227:454], x[228:455], new[:227])
-  new[454:623] = _mt_mix(x[454:623], x[455:624], new[227:396])
-  new[623] = _mt_mix(x[623:624], new[0:1], new[396:397])[0]
-  return new
-
-
-def _mt_temper(y: np.ndarray) -> np.ndarray:
-  y = y ^ (y >> np.uint32(11))
-  y = y ^ ((y << np.uint32(7)) & np.uint32(0x9D2C5680))
-  y = y ^ ((y << np.uint32(15)) & np.uint32(0xEFC60000))
-  return y ^ (y >> np.uint32(18))
-
-
-class DlibRand:
-  """``dlib::rand``'s integer stream: :meth:`uint32` and :meth:`uint64` draw like
-  ``get_random_32bit_number`` and ``get_random_64bit_number`` (vectorized, ``n`` at a time).
-
-  ``seed``: dlib's seed string ("" = ``dlib::rand()``); an int is its decimal string, as dlib's
-  ``rand(time_t)`` constructor makes it.
-  """
-
-  def __init__(self, seed: int | str = ""):
-    if isinstance(seed, bool) or not isinstance(seed, (int, str)):
-      raise ValueError(f"seed: expected a string or an int (dlib's seed string), got {seed!r}")
-    text = str(seed)
-    if text:
-      s = 0
-      for b in text.encode("utf-8"):  # dlib casts a (signed) char to uint32
-        s = (s * 37 + (b if b < 128 else b - 256 + (1 << 32))) & _MASK32
-    else:
-      s = 5489
-    self._state = _mt_seed(s)
-    self._buffer = np.zeros(0, np.uint32)
-    self.uint32(10000)  # dlib primes the generator
-
-  def uint32(self, n: int) -> np.ndarray:
-    """The next ``n`` outputs, uint32 [n]."""
-    parts, have = [self._buffer], self._buffer.shape[0]
-    while have < n:
-      self._state = _mt_twist(self._state)
-      parts.append(_mt_temper(self._state))
-      have += _N
-    out = np.concatenate(parts)
-    self._buffer = out[n:]
-    return out[:n]
-
-  def uint64(self, n: int) -> np.ndarray:
-    """The next ``n`` 64-bit numbers, uint64 [n]: (first << 32) | second of each pair."""
-    w = self.uint32(2 * n).astype(np.uint64).reshape(n, 2)
-    return (w[:, 0] << np.uint64(32)) | w[:, 1]
-
 
 # --------------------------------------------------------------------------- the graph
 
@@ -239,10 +145,17 @@ def chinese_whispers(embeddings: Any, threshold: float = 0.5, iterations: int = 
     embeddings: [N, D] finite float embeddings (N may be 0).
     threshold: faces closer than this (Euclidean, strictly) are linked; > 0.
     iterations: dlib's ``num_iterations``: ``iterations * N`` node visits.
-    seed: ``dlib::rand``'s seed string ("" is dlib's default; see :class:`DlibRand`).
+    seed: ``dlib::rand``'s seed string ("" is dlib's default; see :class:`jaxface.dlib_rand.DlibRand`).
 
   Returns:
     labels 0..K-1, numbered in order of first appearance (face 0 has label 0).
+
+  The graph: an edge between faces i <= j at Euclidean distance strictly below ``threshold``
+  (every face has a self-edge), all of weight 1, found by a float32 jnp pass with a margin and
+  decided exactly in float64 as dlib decides them in double. Then ``iterations * N`` times: visit
+  node ``rand.uint64() % N`` and give it the label most frequent among its neighbours (itself
+  included), the smallest label on a tie (dlib walks a ``std::map`` in key order). Labels start
+  as node indices. dlib's own random stream makes the labels, not just the partition, equal.
 
   Raises:
     ValueError: a bad shape, NaN/inf rows, threshold <= 0 or a negative ``iterations``;
