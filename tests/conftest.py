@@ -1,4 +1,4 @@
-"""Fixtures shared by test modules: dlib's golden reference set.
+"""Fixtures shared by test modules: dlib's golden reference sets (CNN pipeline; HOG, 68 points).
 
 Golden data: ``data_root()/dlib_golden`` (dlib 20.0.1 outputs on 82 faces).
 The entry ``skimage_astronaut`` has no image in that folder; it is checked
@@ -25,6 +25,16 @@ def golden() -> dict[str, np.ndarray]:
     pytest.skip(f"golden data not found at {f} (set JAXFACE_DATA)")
   g = np.load(f)
   return {k: g[k] for k in g.files}
+
+
+@pytest.fixture(scope="module")
+def hog_golden() -> tuple[dict[str, np.ndarray], str]:
+  """(dlib_golden_hog/golden.npz as a dict, the data root its ``paths`` are relative to)."""
+  f = os.path.join(paths.data_root(), "dlib_golden_hog", "golden.npz")
+  if not os.path.isfile(f):
+    pytest.skip(f"golden data not found at {f} (set JAXFACE_DATA)")
+  z = np.load(f)
+  return {k: z[k] for k in z.files}, paths.data_root()
 
 
 def load_golden_image(name: str) -> np.ndarray | None:

@@ -149,18 +149,6 @@ def test_68_point_template_is_dlibs():
   np.testing.assert_array_equal(C.TEMPLATE_68[-1], [0.689874, 0.784792])  # point 64, inner mouth corner
 
 
-@pytest.fixture(scope="module")
-def hog_golden():
-  import os
-
-  from jaxface import paths
-  f = os.path.join(paths.data_root(), "dlib_golden_hog", "golden.npz")
-  if not os.path.isfile(f):
-    pytest.skip(f"golden data not found at {f}")
-  z = np.load(f)
-  return {k: z[k] for k in z.files}, paths.data_root()
-
-
 def test_68_point_chips_match_slow_reference(hog_golden):
   """68-point chips (get_face_chip_details' 68-point branch): the vectorized path, the
   pyramid path and a face cut by the border against the per-pixel reference. (Parity with

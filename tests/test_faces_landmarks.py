@@ -209,18 +209,6 @@ def test_load_unknown_model_name():
 
 
 @pytest.fixture(scope="module")
-def hog_golden():
-  import os
-
-  from jaxface import paths
-  f = os.path.join(paths.data_root(), "dlib_golden_hog", "golden.npz")
-  if not os.path.isfile(f):
-    pytest.skip(f"golden data not found at {f}")
-  z = np.load(f)
-  return {k: z[k] for k in z.files}, paths.data_root()
-
-
-@pytest.fixture(scope="module")
 def sp68() -> L.ShapePredictor:
   try:
     path = pretrained.model_file("shape68")
